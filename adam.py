@@ -1,0 +1,117 @@
+"""Adam, written out: the optimizer step of the PPO loop.
+
+    rollout -> storage -> PPO loss -> backward -> [Adam step: theta overwritten in place] -> next rollout
+
+All parameters of the network live in ONE flat buffer `theta` of N floats, and
+their gradients in one flat buffer `g`: every `p.data` and `p.grad` is a view into
+them. Adam's two moment estimates `m` and `v` are flat buffers of the same size.
+So the optimizer's whole memory is exactly four vectors of N floats (4 * N * 4 bytes),
+and one step is a handful of vector operations over N, not a Python loop over tensors.
+
+Why m and v (plain gradient descent vs Adam):
+
+    plain gradient descent    theta <- theta - lr * g            one lr for every weight; a noisy
+                                                                 or badly scaled g makes it jump
+    Adam                      m <- b1*m + (1-b1)*g               direction: running mean of g
+                              v <- b2*v + (1-b2)*g^2             scale: running mean of g^2
+                              theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
+
+Dividing by sqrt(v) gives each weight its own step size: a weight with large,
+noisy gradients takes small steps, one with small, consistent gradients takes
+steps of about lr. Averaging into m smooths the noise of single minibatches
+(PPO's gradients are noisy: they come from sampled returns). m and v start at 0,
+so early averages are biased toward 0; dividing by (1 - b^t) removes that bias
+(Kingma & Ba, 2015, Algorithm 1). eps is added after the bias correction, as
+torch.optim.Adam does.
+
+The update writes into `theta` in place: the policy's parameters keep their
+storage (same data_ptr) across steps, so the next rollout uses the new weights
+without any copy.
+"""
+import math
+
+import torch
+
+
+class Adam:
+    def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("Adam got no parameters that require grad")
+        self.lr = lr  # a float, or a 0-dim tensor on the device (a schedule can change it without a host sync)
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.weight_decay = weight_decay  # L2 penalty added to g, as torch.optim.Adam (not AdamW)
+        self.t = 0  # number of steps taken; a Python int, so the bias corrections need no sync
+
+        p0 = self.params[0]
+        n = sum(p.numel() for p in self.params)
+        self.theta = torch.empty(n, dtype=p0.dtype, device=p0.device)  # [N] the weights
+        self.g = torch.zeros_like(self.theta)  # [N] the gradient
+        self.m = torch.zeros_like(self.theta)  # [N] first moment: running mean of g
+        self.v = torch.zeros_like(self.theta)  # [N] second moment: running mean of g^2
+
+        # Make every parameter and its .grad a view into the flat buffers.
+        # backward() then accumulates straight into g (autograd adds into an existing .grad in place).
+        offset = 0
+        for p in self.params:
+            k = p.numel()
+            self.theta[offset:offset + k].copy_(p.detach().reshape(-1))
+            p.data = self.theta[offset:offset + k].view_as(p)
+            p.grad = self.g[offset:offset + k].view_as(p)
+            offset += k
+
+    def zero_grad(self):
+        # Zero in place; never set .grad to None (that would detach it from g).
+        self.g.zero_()
+
+    def clip_grad_norm_(self, max_norm):
+        """Scale g so that its global L2 norm is at most max_norm; return the norm before clipping.
+
+        Same formula as torch.nn.utils.clip_grad_norm_, on one flat vector, with no host sync."""
+        norm = torch.linalg.vector_norm(self.g)
+        self.g.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
+
+    @torch.no_grad()
+    def step(self):
+        if self.params[0].grad is None or self.params[0].grad.data_ptr() != self.g.data_ptr():
+            raise RuntimeError("parameter .grad no longer points into Adam's flat gradient: "
+                               "call this optimizer's zero_grad(), not model.zero_grad()")
+        self.t += 1
+        g = self.g if self.weight_decay == 0 else self.g.add(self.theta, alpha=self.weight_decay)
+
+        self.m.lerp_(g, 1 - self.beta1)  # m = b1*m + (1-b1)*g
+        self.v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)  # v = b2*v + (1-b2)*g^2
+
+        # Bias correction: m_hat = m / (1 - b1^t),  v_hat = v / (1 - b2^t).
+        bias1 = 1 - self.beta1 ** self.t
+        bias2 = 1 - self.beta2 ** self.t
+        # theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
+        #        = theta - m / ((sqrt(v) / sqrt(bias2) + eps) * bias1 / lr)
+        denom = (self.v.sqrt() / math.sqrt(bias2)).add_(self.eps)  # sqrt(v_hat) + eps
+        denom.div_(self.lr / bias1)  # lr may be a float or a 0-dim tensor: no sync either way
+        self.theta.addcdiv_(self.m, denom, value=-1.0)  # in place: the policy sees the new theta
+
+    def nbytes(self):
+        """Bytes of each flat buffer, read from the real tensors."""
+        return {name: t.numel() * t.element_size()
+                for name, t in (("theta", self.theta), ("g", self.g), ("m", self.m), ("v", self.v))}
+
+    def state_dict(self):
+        return {"lr": self.lr, "betas": (self.beta1, self.beta2), "eps": self.eps,
+                "weight_decay": self.weight_decay, "t": self.t,
+                "m": self.m.clone(), "v": self.v.clone()}
+
+    def load_state_dict(self, state):
+        if state["m"].shape != self.m.shape:
+            raise ValueError(f"optimizer state has {state['m'].numel()} values, this network has "
+                             f"{self.m.numel()}: the checkpoint is from a different network shape")
+        self.m.copy_(state["m"])
+        self.v.copy_(state["v"])
+        self.t = int(state["t"])
+        lr = state["lr"]
+        self.lr = lr.to(self.theta.device) if torch.is_tensor(lr) else lr
+        self.beta1, self.beta2 = state["betas"]
+        self.eps = state["eps"]
+        self.weight_decay = state["weight_decay"]

@@ -1,0 +1,144 @@
+"""The one actor-critic network that every environment shares.
+
+    [rollout: act on obs of all N envs at once] -> storage -> [PPO loss: evaluate] -> backward -> Adam -> ...
+
+There is ONE network. The N parallel environments do not own copies of it: their
+observations are stacked into one batch [N, obs] and the network answers all of
+them in a single forward pass. Training updates this one set of weights, in place.
+
+    actor   obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> action mean [B, act]
+    critic  obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> value       [B]
+    std     a learnable vector [act], independent of the observation
+
+The policy is a Gaussian with independent action dimensions: a ~ N(mean, std^2).
+For the drone (obs 17, actions 4) that is 19,332 actor + 18,945 critic = 38,277
+weights (about 153 KB in float32), plus 4 for the std.
+
+The std is learned directly (not its log), as rsl_rl's ActorCritic does, so that
+training dynamics match the Genesis hover example trained with rsl_rl.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def mlp(sizes, activation):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class RunningNorm(nn.Module):
+    """Running mean/variance of observations (Chan et al. parallel update), stored as buffers
+    so they are saved and exported with the policy."""
+
+    def __init__(self, num_obs, eps=1e-8):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_obs))
+        self.register_buffer("var", torch.ones(num_obs))
+        self.register_buffer("count", torch.tensor(0.0))
+        self.eps = eps
+
+    @torch.no_grad()
+    def update(self, obs):  # obs [B, obs]
+        batch_mean = obs.mean(0)
+        batch_var = obs.var(0, unbiased=False)
+        n = obs.shape[0]
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * (n / total)
+        self.var.copy_((self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total)
+        self.count.copy_(total)
+
+    def forward(self, obs):
+        return (obs - self.mean) / torch.sqrt(self.var + self.eps)
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, num_obs, num_actions, hidden=(128, 128), activation="tanh", init_std=1.0,
+                 normalize_obs=False):
+        super().__init__()
+        act = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}[activation]
+        self.actor = mlp([num_obs, *hidden, num_actions], act)
+        self.critic = mlp([num_obs, *hidden, 1], act)
+        self.std = nn.Parameter(init_std * torch.ones(num_actions))
+        # Off by default, as in the Genesis hover example: its observations are already scaled to about [-1, 1].
+        self.obs_norm = RunningNorm(num_obs) if normalize_obs else nn.Identity()
+
+    def update_normalizer(self, obs):  # obs [N, obs]; called by the rollout, a no-op when normalization is off
+        if isinstance(self.obs_norm, RunningNorm):
+            self.obs_norm.update(obs)
+
+    def value(self, obs):  # obs [B, obs] -> [B]
+        return self.critic(self.obs_norm(obs)).squeeze(-1)
+
+    def act(self, obs):
+        """Rollout: sample actions for all envs. obs [N, obs] -> actions, log_prob [N], value [N], mean, std [N, act]."""
+        x = self.obs_norm(obs)
+        mean = self.actor(x)  # [N, act]
+        std = self.std.expand_as(mean)  # [N, act], a view: no copy
+        actions = mean + std * torch.randn_like(mean)
+        return actions, gaussian_log_prob(actions, mean, std), self.critic(x).squeeze(-1), mean, std
+
+    def evaluate(self, obs, actions):
+        """Update: score given actions under the current weights.
+        obs [B, obs], actions [B, act] -> log_prob [B], entropy [B], value [B], mean, std [B, act]."""
+        x = self.obs_norm(obs)
+        mean = self.actor(x)
+        std = self.std.expand_as(mean)
+        entropy = (0.5 + LOG_SQRT_2PI + torch.log(std)).sum(-1)  # entropy of N(mean, std^2), summed over dims
+        return gaussian_log_prob(actions, mean, std), entropy, self.critic(x).squeeze(-1), mean, std
+
+    def act_deterministic(self, obs):  # evaluation: the action mean [N, act]
+        return self.actor(self.obs_norm(obs))
+
+
+def gaussian_log_prob(actions, mean, std):  # [B, act] each -> [B], independent dims: log-probs add
+    return (-0.5 * ((actions - mean) / std) ** 2 - torch.log(std) - LOG_SQRT_2PI).sum(-1)
+
+
+def parameter_breakdown(policy):
+    """Rows (name, shape, count) for every learnable tensor, and the totals."""
+    rows = [(name, tuple(p.shape), p.numel()) for name, p in policy.named_parameters()]
+    actor = sum(n for name, _, n in rows if name.startswith("actor."))
+    critic = sum(n for name, _, n in rows if name.startswith("critic."))
+    total = sum(n for _, _, n in rows)
+    return rows, {"actor": actor, "critic": critic, "weights": actor + critic, "std": total - actor - critic,
+                  "total": total}
+
+
+def memory_table(policy, optimizer=None):
+    """The seed's memory table, measured from the real tensors.
+
+    Weights and gradients are read from the parameters (and their .grad if allocated);
+    Adam's m and v from the optimizer's tensors when it exposes them (this project's
+    adam.Adam does), otherwise assumed the size of the weights, as for torch.optim.Adam."""
+    params = list(policy.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum((p.grad if p.grad is not None else p).numel() * p.element_size() for p in params)
+    m = getattr(optimizer, "m", None)
+    v = getattr(optimizer, "v", None)
+    m_bytes = m.numel() * m.element_size() if m is not None else weights
+    v_bytes = v.numel() * v.element_size() if v is not None else weights
+    rows = [("weights (theta)", weights), ("gradients (g)", grads), ("Adam m", m_bytes), ("Adam v", v_bytes),
+            ("total", weights + grads + m_bytes + v_bytes)]
+    lines = [f"  {name:<16s} {b / 1e3:9.1f} KB" for name, b in rows]
+    return "\n".join(lines), dict(rows)
+
+
+def describe(policy, optimizer=None):
+    """Printable parameter breakdown + memory table."""
+    rows, totals = parameter_breakdown(policy)
+    out = ["parameters:"]
+    out += [f"  {name:<18s} {str(list(shape)):<12s} {n:7,d}" for name, shape, n in rows]
+    out.append(f"  actor {totals['actor']:,} + critic {totals['critic']:,} = {totals['weights']:,} weights"
+               f" + {totals['std']:,} std = {totals['total']:,}")
+    out.append("memory of the learner (float32, 1 KB = 1000 B):")
+    out.append(memory_table(policy, optimizer)[0])
+    return "\n".join(out)

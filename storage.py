@@ -1,0 +1,116 @@
+"""Rollout storage: T steps of N environments, kept on the device, turned into PPO minibatches.
+
+    rollout -> [storage: add() each step, GAE at the end, minibatches] -> PPO loss -> backward -> Adam -> ...
+
+Every buffer is preallocated once as [T, N, ...] on the policy's device (the GPU when
+there is one), so a rollout never allocates and never leaves the device. After T steps:
+
+    compute_returns(last_values)  GAE(lambda) advantages and returns, a backward loop over T
+                                  only; all N envs are one vector operation per step
+    minibatches(epochs, count)    the T*N samples, reshuffled every epoch, cut into equal
+                                  minibatches; each sample is visited exactly once per epoch
+
+Episode ends. A terminated transition (the drone crashed) has no future: the bootstrap
+is cut. A time-out (truncated at 15 s) is not a real end -- the drone could have flown
+on -- so its return is bootstrapped with the critic's value of the observation the
+episode ended in (`final_values`, computed by the trainer from the env's pre-reset
+observation), not cut to zero (Pardo et al., 2018, "Time Limits in Reinforcement
+Learning"). In both cases the GAE recursion stops there: the next stored step belongs
+to a new episode. rsl_rl approximates the final value by V(s_t) of the step before;
+using the true final observation costs one extra critic pass per step and is exact.
+"""
+from typing import NamedTuple
+
+import torch
+
+
+class Batch(NamedTuple):  # one minibatch, B samples; each field [B, ...]
+    obs: torch.Tensor
+    actions: torch.Tensor
+    log_probs: torch.Tensor  # log-prob of the action under the rollout policy
+    values: torch.Tensor  # critic value at rollout time (for the clipped value loss)
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    mean: torch.Tensor  # rollout policy's action mean and std (for the KL)
+    std: torch.Tensor
+
+
+class RolloutStorage:
+    def __init__(self, num_steps, num_envs, num_obs, num_actions, device):
+        T, N = num_steps, num_envs
+        self.num_steps, self.num_envs = T, N
+        z = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)
+        self.obs = z(T, N, num_obs)
+        self.actions = z(T, N, num_actions)
+        self.rewards = z(T, N)
+        self.dones = z(T, N, dtype=torch.bool)  # episode ended after this step (crash or time-out)
+        self.time_outs = z(T, N, dtype=torch.bool)  # ...because of the time limit (truncation)
+        self.final_values = z(T, N)  # V(final obs); used where time_outs
+        self.values = z(T, N)
+        self.log_probs = z(T, N)
+        self.mean = z(T, N, num_actions)
+        self.std = z(T, N, num_actions)
+        self.advantages = z(T, N)
+        self.returns = z(T, N)
+        self.step = 0
+
+    def add(self, obs, actions, rewards, dones, time_outs, final_values, values, log_probs, mean, std):
+        """Write one step of all N envs in place. Each argument is [N] or [N, dim]."""
+        if self.step >= self.num_steps:
+            raise RuntimeError("rollout storage is full: call clear() after the update")
+        t = self.step
+        self.obs[t].copy_(obs)
+        self.actions[t].copy_(actions)
+        self.rewards[t].copy_(rewards)
+        self.dones[t].copy_(dones)
+        self.time_outs[t].copy_(time_outs)
+        self.final_values[t].copy_(final_values)
+        self.values[t].copy_(values)
+        self.log_probs[t].copy_(log_probs)
+        self.mean[t].copy_(mean)
+        self.std[t].copy_(std)
+        self.step += 1
+
+    def clear(self):
+        self.step = 0
+
+    @torch.no_grad()
+    def compute_returns(self, last_values, gamma, lam, normalize_advantages=True):
+        """GAE(lambda) (Schulman et al., 2016, eq. 16). last_values [N]: V of the obs after the last step.
+
+            delta_t = r_t + gamma * V_next - V(s_t)
+                      V_next = V(s_{t+1}) if the episode goes on, V(final obs) after a time-out, 0 after a crash
+            A_t     = delta_t + gamma * lam * A_{t+1}   (A_{t+1} = 0 if the episode ended at t)
+            R_t     = A_t + V(s_t)                      (the critic's regression target)
+        """
+        gae = torch.zeros_like(last_values)  # [N]
+        for t in reversed(range(self.num_steps)):
+            next_values = last_values if t == self.num_steps - 1 else self.values[t + 1]
+            goes_on = (~self.dones[t]).float()
+            bootstrap = goes_on * next_values + self.time_outs[t].float() * self.final_values[t]
+            delta = self.rewards[t] + gamma * bootstrap - self.values[t]
+            gae = delta + gamma * lam * goes_on * gae
+            self.advantages[t] = gae
+        torch.add(self.advantages, self.values, out=self.returns)
+        if normalize_advantages:  # over the whole batch of T*N samples
+            mean, std = self.advantages.mean(), self.advantages.std()
+            self.advantages.sub_(mean).div_(std + 1e-8)
+
+    def minibatches(self, num_epochs, num_minibatches, generator=None):
+        """Yield num_epochs * num_minibatches Batches; each epoch is a fresh permutation of all T*N samples."""
+        n = self.num_steps * self.num_envs
+        if n % num_minibatches:
+            raise ValueError(f"{n} samples do not split into {num_minibatches} equal minibatches")
+        size = n // num_minibatches
+        flat = [x.flatten(0, 1) for x in (self.obs, self.actions, self.log_probs, self.values,
+                                          self.advantages, self.returns, self.mean, self.std)]
+        device = self.obs.device
+        for _ in range(num_epochs):
+            perm = torch.randperm(n, device=device, generator=generator)
+            for i in range(num_minibatches):
+                idx = perm[i * size:(i + 1) * size]
+                yield Batch(*(x[idx] for x in flat))
+
+    def nbytes(self):
+        """Bytes of each buffer, read from the real tensors."""
+        return {name: t.numel() * t.element_size() for name, t in vars(self).items() if torch.is_tensor(t)}
