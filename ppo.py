@@ -32,8 +32,8 @@ class PPOConfig:
     learning_rate: float = 3e-4  # initial lr; then adapted to the KL when adaptive_lr
     adaptive_lr: bool = True  # rsl_rl's "adaptive" schedule
     desired_kl: float = 0.01  # target KL(rollout policy || current policy) per minibatch
-    lr_min: float = 1e-5
-    lr_max: float = 1e-2
+    lr_min: float = 1e-5  # the adaptive lr stays within [lr_min, lr_max]
+    lr_max: float = 1e-2  # (rsl_rl's bounds)
     max_grad_norm: float = 1.0  # global L2 norm of the gradient is clipped to this
     gamma: float = 0.99  # discount: a reward 100 steps (1 s) ahead counts 0.37
     lam: float = 0.95  # GAE lambda: bias/variance trade-off of the advantage

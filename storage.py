@@ -75,14 +75,16 @@ class RolloutStorage:
         self.step = 0
 
     @torch.no_grad()
-    def compute_returns(self, last_values, gamma, lam, normalize_advantages=True):
+    def compute_returns(self, last_values, gamma, lam, normalize_advantages=True, average=None):
         """GAE(lambda) (Schulman et al., 2016, eq. 16). last_values [N]: V of the obs after the last step.
 
             delta_t = r_t + gamma * V_next - V(s_t)
                       V_next = V(s_{t+1}) if the episode goes on, V(final obs) after a time-out, 0 after a crash
             A_t     = delta_t + gamma * lam * A_{t+1}   (A_{t+1} = 0 if the episode ended at t)
             R_t     = A_t + V(s_t)                      (the critic's regression target)
-        """
+
+        `average` (data-parallel training) maps a tensor to its mean over all workers, so the
+        advantages are normalized with the statistics of the global batch."""
         gae = torch.zeros_like(last_values)  # [N]
         for t in reversed(range(self.num_steps)):
             next_values = last_values if t == self.num_steps - 1 else self.values[t + 1]
@@ -92,9 +94,12 @@ class RolloutStorage:
             gae = delta + gamma * lam * goes_on * gae
             self.advantages[t] = gae
         torch.add(self.advantages, self.values, out=self.returns)
-        if normalize_advantages:  # over the whole batch of T*N samples
-            mean, std = self.advantages.mean(), self.advantages.std()
-            self.advantages.sub_(mean).div_(std + 1e-8)
+        if normalize_advantages:  # over the whole batch of T*N samples (of all workers)
+            mean = self.advantages.mean()
+            mean = average(mean) if average else mean
+            var = (self.advantages - mean).square().mean()
+            var = average(var) if average else var
+            self.advantages.sub_(mean).div_(var.sqrt() + 1e-8)
 
     def minibatches(self, num_epochs, num_minibatches, generator=None):
         """Yield num_epochs * num_minibatches Batches; each epoch is a fresh permutation of all T*N samples."""

@@ -233,7 +233,7 @@ def test_storage_gae_matches_naive_reference():
     assert torch.allclose(s.advantages, ref, atol=1e-5)
     assert torch.allclose(s.returns, ref + s.values, atol=1e-5)
     s.compute_returns(last, gamma, lam)  # normalized over the batch
-    assert abs(s.advantages.mean()) < 1e-5 and s.advantages.std() == pytest.approx(1.0, abs=1e-4)
+    assert abs(s.advantages.mean()) < 1e-5 and s.advantages.std(unbiased=False) == pytest.approx(1.0, abs=1e-4)
     assert torch.allclose(s.returns, ref + s.values, atol=1e-5)  # returns are not normalized
 
 
@@ -445,3 +445,618 @@ def test_ppo_learns_point_masses():
 class StayPut:
     def act_deterministic(self, obs):
         return torch.zeros(obs.shape[0], 2)
+
+
+# ---------------------------------------------------------------- env.py
+# One scene is built for the whole section (the first build compiles Genesis kernels, ~1.5 min on CPU; later
+# runs hit the kernel cache). Every test starts from env.reset(), so the order does not matter. Some tests set
+# env state directly (targets, episode counters, drone pose) to construct situations quickly; each says so.
+from torch.overrides import TorchFunctionMode
+
+from env import HoverConfig, HoverEnv, REWARD_TERMS
+
+N = 8
+CFG = HoverConfig()
+INIT = torch.tensor(CFG.init_pos)
+DT = CFG.dt
+
+
+@pytest.fixture(scope="module")
+def env():
+    return HoverEnv(num_envs=N, device="cpu", seed=0)
+
+
+def full(value):
+    return torch.full((N, 4), float(value))
+
+
+def run(env, actions, steps):
+    for _ in range(steps):
+        out = env.step(actions)
+    return out
+
+
+def expected_reset_obs(env):
+    rel = ((env.target_pos - INIT) / 3).clamp(-1, 1)
+    return torch.cat((rel, torch.tensor([[1.0, 0, 0, 0]]).expand(N, 4), torch.zeros(N, 10)), dim=1)
+
+
+def rotation_matrix(q):  # [N, 4] w,x,y,z -> [N, 3, 3], written independently of env.py's helpers
+    w, x, y, z = q.unbind(1)
+    return torch.stack((1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)), 1).view(-1, 3, 3)
+
+
+def test_shapes_dtypes_device(env):
+    obs = env.reset()
+    assert obs.shape == (N, 17) and obs.dtype == torch.float32 and obs.device.type == "cpu"
+    assert env.num_obs == 17 and env.num_actions == 4 and env.max_episode_length == 1500 and env.dt == 0.01
+    obs, rew, done, info = env.step(torch.zeros(N, 4))
+    assert obs.shape == (N, 17) and obs.dtype == torch.float32
+    assert rew.shape == (N,) and rew.dtype == torch.float32
+    assert done.shape == (N,) and done.dtype == torch.bool
+    assert info["time_outs"].shape == (N,) and info["time_outs"].dtype == torch.bool
+    assert info["nonfinite"].shape == (N,) and info["nonfinite"].dtype == torch.bool
+    assert info["final_obs"].shape == (N, 17)
+    keys = {"return", "length", "targets", "crashed", *(f"reward_{t}" for t in REWARD_TERMS)}
+    assert set(info["episode"]) == keys
+    assert all(v.shape == (N,) and v.device.type == "cpu" for v in info["episode"].values())
+    assert env.base_pos.shape == (N, 3) and env.target_pos.shape == (N, 3)
+
+
+def test_reset_observation_layout(env):
+    obs = env.reset()
+    assert torch.equal(env.base_pos, INIT.expand(N, 3))
+    assert torch.allclose(obs, expected_reset_obs(env), atol=1e-6)
+    assert torch.allclose(env.drone.get_pos(), INIT.expand(N, 3), atol=1e-6)
+    assert torch.equal(env.episode_length, torch.zeros(N, dtype=torch.int32))
+
+
+def test_observation_matches_genesis_state(env):
+    """Body-frame velocities and quaternion in obs agree with Genesis's own getters after some tumbling."""
+    env.reset()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        actions = torch.rand(N, 4, generator=g) * 0.6 - 0.3
+        obs, _, done, _ = env.step(actions)
+    assert not done.any()
+    quat = env.drone.get_quat()
+    R_T = rotation_matrix(quat).transpose(1, 2)
+    lin_b = (R_T @ env.drone.get_vel()[:, :, None])[..., 0]
+    ang_b = (R_T @ env.drone.get_ang()[:, :, None])[..., 0]
+    assert torch.allclose(obs[:, 3:7], quat, atol=1e-6)
+    assert torch.allclose(obs[:, 7:10], (lin_b / 3).clamp(-1, 1), atol=1e-5)
+    assert torch.allclose(obs[:, 10:13], (ang_b / 3.14159).clamp(-1, 1), atol=1e-5)
+    assert torch.equal(obs[:, 13:17], actions)  # the action applied in this step
+    assert torch.allclose(obs[:, :3], ((env.target_pos - env.drone.get_pos()) / 3).clamp(-1, 1), atol=1e-6)
+    assert torch.allclose(env.base_pos, env.drone.get_pos(), atol=1e-6)
+
+
+def test_zero_action_hovers(env):
+    env.reset()
+    obs, _, done, info = run(env, torch.zeros(N, 4), 50)  # 0.5 s
+    assert not done.any() and torch.equal(info["final_obs"], obs)
+    assert (env.base_pos - INIT).norm(dim=1).max() < 0.1
+    assert torch.equal(info["episode"]["length"], torch.full((N,), 50.0))  # running sums where not done
+
+
+def test_full_throttle_climbs(env):
+    env.reset()
+    obs, _, done, _ = run(env, full(1.0), 30)
+    assert not done.any()
+    assert (env.base_pos[:, 2] > INIT[2] + 0.2).all()
+    assert (obs[:, 9] > 0).all()  # body z velocity (drone stays level) points up
+    obs, _, _, _ = env.step(full(3.0))  # out-of-range actions are clipped to [-1, 1] before use
+    assert torch.equal(obs[:, 13:17], full(1.0))
+
+
+def test_min_throttle_crashes_and_resets(env):
+    env.reset()
+    for step in range(1, 101):
+        obs, rew, done, info = env.step(full(-1.0))
+        if done.any():
+            break
+    assert done.all() and 30 < step < 100  # ~0.45 s of near free fall from 1 m
+    ep = info["episode"]
+    assert ep["crashed"].all() and not info["time_outs"].any() and not info["nonfinite"].any()
+    assert (info["final_obs"][:, 2] > 0.9 / 3).all()  # pre-reset height below 0.1 m: rel z > 0.9
+    assert torch.allclose(ep["reward_crash"], torch.full((N,), -10.0 * DT))
+    assert torch.equal(ep["length"], torch.full((N,), float(step)))
+    assert torch.equal(env.base_pos, INIT.expand(N, 3))
+    assert torch.allclose(obs, expected_reset_obs(env), atol=1e-6)
+    assert torch.allclose(env.drone.get_pos(), INIT.expand(N, 3), atol=1e-6)
+    assert torch.allclose(env.drone.get_dofs_velocity(), torch.zeros(N, 6))
+    obs, _, done, _ = env.step(torch.zeros(N, 4))  # the reset drone really flies from the start pose
+    assert not done.any() and (env.base_pos - INIT).norm(dim=1).max() < 0.01
+
+
+def test_time_out_after_1500_steps(env):
+    """The episode counter is set to 1495 directly (instead of hovering 1495 steps); zero action hovers."""
+    env.reset()
+    env.episode_length.fill_(1495)
+    for _ in range(4):
+        _, _, done, info = env.step(torch.zeros(N, 4))
+        assert not done.any()
+    obs, _, done, info = env.step(torch.zeros(N, 4))
+    assert done.all() and info["time_outs"].all() and not info["episode"]["crashed"].any()
+    assert torch.equal(info["episode"]["length"], torch.full((N,), 5.0))  # steps actually stepped
+    assert torch.equal(env.episode_length, torch.zeros(N, dtype=torch.int32))
+    assert torch.allclose(obs, expected_reset_obs(env), atol=1e-6)
+    assert not torch.allclose(info["final_obs"], obs)  # bootstrapping sees the pre-reset state
+
+
+def test_crash_on_last_step_counts_as_crash(env):
+    """Env 0 is put 5 cm above the ground on the time-out step: it is a crash, not a time-out."""
+    env.reset()
+    env.episode_length.fill_(1499)
+    qpos = env.drone.get_qpos()
+    qpos[0, 2] = 0.05
+    env.drone.set_qpos(qpos, zero_velocity=True)
+    _, _, done, info = env.step(torch.zeros(N, 4))
+    assert done.all()
+    assert info["episode"]["crashed"].tolist() == [True] + [False] * (N - 1)
+    assert info["time_outs"].tolist() == [False] + [True] * (N - 1)
+
+
+def last_step_of_episode(env, actions):
+    """Step once as the episode's last step (counter set to 1499 directly) so info["episode"] is valid for all."""
+    env.episode_length.fill_(1499)
+    _, rew, done, info = env.step(actions)
+    assert done.all()
+    return rew, info
+
+
+def test_reward_target_sign(env):
+    """Targets are set directly: above the drone (climbing toward it pays), then below (climbing away costs)."""
+    for target_z, sign in ((2.0, 1.0), (0.5, -1.0)):
+        env.reset()
+        env.target_pos[:] = torch.tensor([0.0, 0.0, target_z])
+        run(env, full(1.0), 5)
+        _, info = last_step_of_episode(env, full(1.0))
+        assert (sign * info["episode"]["reward_target"] > 0).all()
+
+
+def test_reward_terms_one_step(env):
+    env.reset()
+    prev_pos, target = env.base_pos.clone(), env.target_pos.clone()
+    rew, info = last_step_of_episode(env, full(0.5))
+    ep = info["episode"]  # a one-step episode: its sums are this step's terms
+    pos = target - info["final_obs"][:, :3] * 3  # |rel| < 3 here, so the clip is inactive
+    expected = 10 * DT * ((prev_pos - target).square().sum(1) - (pos - target).square().sum(1))
+    assert torch.allclose(ep["reward_target"], expected, atol=1e-6)
+    assert torch.allclose(ep["reward_smooth"], torch.full((N,), -1e-4 * DT * 4 * 0.25))
+    assert torch.allclose(ep["reward_yaw"], torch.full((N,), 0.01 * DT), atol=1e-8)  # level start: yaw ~ 0
+    ang = info["final_obs"][:, 10:13] * 3.14159
+    assert torch.allclose(ep["reward_angular"], -2e-4 * DT * ang.norm(dim=1) / 3.14159, atol=1e-9)
+    assert torch.equal(ep["reward_crash"], torch.zeros(N))
+    total = sum(ep[f"reward_{t}"] for t in REWARD_TERMS)
+    assert torch.allclose(rew, total, atol=1e-9) and torch.allclose(ep["return"], rew)
+    assert torch.equal(ep["length"], torch.ones(N))
+
+
+def test_reward_yaw_convention(env):
+    """Drones are turned directly to yaws across (-3, 3) rad with a 0.3 rad roll; the yaw term must follow the z-y-x
+    yaw read off the rotation matrix (atan2(R10, R00)), not some other Euler convention."""
+    env.reset()
+    yaw, roll = torch.linspace(-3.0, 3.0, N), torch.full((N,), 0.3)
+    cz, sz, cx, sx = (yaw / 2).cos(), (yaw / 2).sin(), (roll / 2).cos(), (roll / 2).sin()
+    qpos = env.drone.get_qpos()
+    qpos[:, 3:] = torch.stack((cz * cx, cz * sx, sz * sx, sz * cx), 1)  # q_z(yaw) * q_x(roll)
+    env.drone.set_qpos(qpos, zero_velocity=True)
+    _, info = last_step_of_episode(env, torch.zeros(N, 4))
+    R = rotation_matrix(info["final_obs"][:, 3:7])
+    expected_yaw = torch.atan2(R[:, 1, 0], R[:, 0, 0])
+    assert torch.allclose(expected_yaw, yaw, atol=0.02)  # barely turned in one step
+    assert torch.allclose(info["episode"]["reward_yaw"], 0.01 * DT * torch.exp(-10 * expected_yaw.abs()), atol=1e-7)
+
+
+def test_target_resampled_when_reached(env):
+    """Env 0's target is set to the drone's own position, so it is reached on the next step."""
+    env.reset()
+    env.target_pos[0] = env.base_pos[0]
+    old = env.target_pos.clone()
+    obs, _, _, _ = env.step(torch.zeros(N, 4))
+    assert not torch.equal(env.target_pos[0], old[0]) and torch.equal(env.target_pos[1:], old[1:])
+    low, high = torch.tensor(CFG.target_low), torch.tensor(CFG.target_high)
+    assert ((env.target_pos[0] >= low) & (env.target_pos[0] <= high)).all()
+    assert torch.allclose(obs[0, :3], ((env.target_pos[0] - env.base_pos[0]) / 3).clamp(-1, 1), atol=1e-6)
+    _, info = last_step_of_episode(env, torch.zeros(N, 4))  # read the exact per-episode count
+    assert info["episode"]["targets"].tolist() == [1.0] + [0.0] * (N - 1)
+
+
+def test_targets_inside_ranges(env):
+    low, high = torch.tensor(CFG.target_low), torch.tensor(CFG.target_high)
+    targets = [env._draw_targets() for _ in range(200)]
+    for _ in range(5):
+        env.reset()
+        targets.append(env.target_pos)
+    targets = torch.cat(targets)
+    assert ((targets >= low) & (targets <= high)).all() and (targets[:, 2] == 1.0).all()
+    assert targets[:, :2].min() < -0.95 and targets[:, :2].max() > 0.95  # the whole square is used
+
+
+def test_random_episode_start(env):
+    env.reset(random_episode_start=True)
+    lengths = env.episode_length
+    assert lengths.min() >= 0 and lengths.max() < 1500 and len(set(lengths.tolist())) > 1
+    env.reset()
+    assert (env.episode_length == 0).all()
+
+
+def test_bad_actions_raise(env):
+    env.reset()
+    bad = [torch.zeros(N, 3), torch.zeros(N - 1, 4), torch.zeros(4), torch.zeros(N, 4, dtype=torch.float64),
+           torch.zeros(N, 4, device="meta"), torch.zeros(N, 4).numpy()]
+    for actions in bad:
+        with pytest.raises((ValueError, TypeError)):
+            env.step(actions)
+    for value in (float("nan"), float("inf")):
+        actions = torch.zeros(N, 4)
+        actions[3, 1] = value
+        with pytest.raises(ValueError, match="NaN or inf"):
+            env.step(actions)
+    assert (env.episode_length == 0).all()  # nothing was stepped
+
+
+def test_seeded_runs_identical(env):
+    """A second HoverEnv in one process recompiles every kernel (~70 s on CPU), so two seeded runs of the same env
+    are compared instead: re-seed, reset, step 20 fixed actions; obs and rewards must match bit for bit, whatever the
+    global torch RNG does in between."""
+    def rollout():
+        env.generator.manual_seed(0)
+        g = torch.Generator().manual_seed(7)
+        out = [env.reset()]
+        for _ in range(20):
+            torch.rand(100)  # global RNG use (e.g. by the trainer) must not change the env
+            obs, rew, _, _ = env.step(torch.rand(N, 4, generator=g) * 2 - 1)
+            out += [obs, rew]
+        return out
+
+    a, b = rollout(), rollout()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    env.generator.manual_seed(1)
+    assert not torch.equal(env.reset(), a[0])
+
+
+def test_episode_statistics_exact(env):
+    """Half the envs fall (crash mid-run), the others fly random actions; then everyone's counter is set to hit the
+    time-out. Every finished episode's stats must equal sums kept here by hand."""
+    env.reset()
+    g = torch.Generator().manual_seed(3)
+    ret, length, terms_seen = torch.zeros(N), torch.zeros(N), 0
+    for step in range(80):
+        if step == 79:
+            env.episode_length.fill_(1499)
+        actions = torch.rand(N, 4, generator=g) * 0.4 - 0.2
+        actions[: N // 2] = -1.0
+        _, rew, done, info = env.step(actions)
+        ret += rew
+        length += 1
+        ep = info["episode"]
+        if done.any():
+            d = done
+            assert torch.allclose(ep["return"][d], ret[d], atol=1e-5)
+            assert torch.equal(ep["length"][d], length[d])
+            total = sum(ep[f"reward_{t}"] for t in REWARD_TERMS)
+            assert torch.allclose(total[d], ep["return"][d], atol=1e-5)
+            terms_seen += int(d.sum())
+            ret[d], length[d] = 0.0, 0.0
+    assert done.all() and info["time_outs"][N // 2:].all()
+    assert terms_seen >= N + N // 2  # the fallers finished twice (crash, then time-out)
+
+
+def test_nonfinite_state_is_reset(env):
+    """Env 1's velocity is set to NaN directly; the env is flagged, reset, and no NaN comes out."""
+    env.reset()
+    env.step(torch.zeros(N, 4))
+    vel = torch.zeros(N, 6)
+    vel[1] = float("nan")
+    env.drone.set_dofs_velocity(vel, envs_idx=torch.arange(N) == 1)
+    obs, rew, done, info = env.step(torch.zeros(N, 4))
+    assert info["nonfinite"].tolist() == [False, True] + [False] * (N - 2)
+    assert done.tolist() == info["nonfinite"].tolist()
+    assert not info["episode"]["crashed"][1] and not info["time_outs"][1] and rew[1] == 0
+    for t in (obs, rew, info["final_obs"], env.base_pos):
+        assert torch.isfinite(t).all()
+    obs, _, done, info = env.step(torch.zeros(N, 4))
+    assert not info["nonfinite"].any() and not done.any() and torch.isfinite(env.drone.get_qpos()).all()
+
+
+class SyncSpy(TorchFunctionMode):
+    """Records torch calls that read device data back to the host."""
+    SYNCING = {"item", "__bool__", "tolist", "nonzero", "argwhere", "cpu", "numpy", "__int__", "__float__",
+               "__index__", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        index = args[1] if name == "__getitem__" else ()
+        index = index if isinstance(index, tuple) else (index,)
+        if (name in self.SYNCING or (name == "where" and len(args) == 1)
+                or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_step_has_no_host_sync(env):
+    env.reset()
+    actions = full(-1.0)  # crashes and resets happen inside the spied steps
+    env.check_actions = False
+    try:
+        with SyncSpy() as spy:
+            run(env, actions, 60)
+        assert spy.calls == []
+    finally:
+        env.check_actions = True
+    with SyncSpy() as spy:
+        env.step(actions)
+    assert spy.calls == ["__bool__"]  # the NaN/inf check of the actions, and only it
+
+
+def test_one_genesis_backend_per_process(env):
+    with pytest.raises(RuntimeError, match="already initialised"):
+        HoverEnv(num_envs=2, device="cuda")  # rejected before any scene is built
+    with pytest.raises(ValueError, match="'cpu' or 'cuda"):
+        HoverEnv(num_envs=2, device="mps")
+
+
+# ---------------------------------------------------------------- train.py
+import json
+import os
+import subprocess
+import sys
+
+import train
+
+TINY = ["--device", "cpu", "--num-envs", "8", "--num-steps", "8", "--num-minibatches", "2", "--num-epochs", "2"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-envs", "0"], "--num-envs must be > 0"),
+    (["--num-envs", "10", "--num-steps", "3", "--num-minibatches", "4"], "does not divide the batch"),
+    (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+    (["--device", "tpu"], "unknown device"),
+    (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at"),
+])
+def test_train_rejects_bad_settings_before_genesis(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_rejects_missing_cuda_from_the_command_line():
+    # a real process: exit status 2, one line on stderr, and genesis never imported
+    cmd = [sys.executable, "-c", "import sys, train\ntry:\n    train.main(['--device', 'cuda'])\n"
+           "finally:\n    print('genesis' in sys.modules)"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert r.returncode == 2
+    assert r.stderr.strip() == "train.py: error: --device cuda asked for, but torch sees no CUDA device: use --device cpu"
+    assert r.stdout.strip() == "False"
+
+
+def test_train_rejects_corrupt_and_mismatched_checkpoints(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(bad)])
+    assert e.value.code == 2 and "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_save_interrupted_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    policy = ActorCritic(17, 4)
+    opt = Adam(policy.parameters())
+
+    class FakeEnv:
+        generator = torch.Generator()
+
+    cfg = train.TrainConfig(device="cpu")
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, policy, opt, 7, 1.0, cfg, FakeEnv())
+    real_save = torch.save
+
+    def dies_mid_write(obj, f):
+        f.write(b"half a file")
+        raise KeyboardInterrupt  # e.g. Ctrl-C or a kill during the write
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, policy, opt, 8, 2.0, cfg, FakeEnv())
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt, loaded_cfg = train.load_checkpoint(path)
+    assert ckpt["iteration"] == 7 and loaded_cfg == cfg
+    assert torch.equal(ckpt["optimizer"]["m"], opt.m)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The real loop on 8 drones, asked for 5 iterations; a SIGTERM arrives during the second one.
+    Reused by the resume and eval tests."""
+    import signal
+    log_dir = str(tmp_path_factory.mktemp("runs"))
+    real_update, calls = train.update, []
+
+    def update_then_sigterm(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a cluster scheduler would
+        return real_update(*args)
+
+    train.update = update_then_sigterm
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        train.main(TINY + ["--max-iterations", "5", "--save-interval", "1", "--log-dir", log_dir,
+                           "--run-name", "smoke"])
+    finally:
+        train.update = real_update
+    assert signal.getsignal(signal.SIGTERM) is before  # training's handler is gone when training returns
+    return os.path.join(log_dir, "smoke")
+
+
+def test_train_smoke_run_writes_config_metrics_and_checkpoints(smoke_run):
+    files = set(os.listdir(smoke_run))
+    # SIGTERM finished iteration 2, saved it and stopped cleanly
+    assert {"config.json", "metrics.jsonl", "ckpt_0001.pt", "ckpt_0002.pt"} <= files and "ckpt_0003.pt" not in files
+    assert not any(f.endswith(".tmp") for f in files)
+    with open(os.path.join(smoke_run, "config.json")) as f:
+        assert json.load(f)["num_envs"] == 8
+    with open(os.path.join(smoke_run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["total_steps"] == 64 * r["iteration"] for r in rows)
+    ckpt, _ = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
+    assert ckpt["iteration"] == 2 and ckpt["optimizer"]["t"] == 2 * 2 * 2  # 2 iterations x 2 epochs x 2 minibatches
+
+
+def test_train_refuses_to_overwrite_a_run(smoke_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--log-dir", os.path.dirname(smoke_run), "--run-name", "smoke"])
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
+    ckpt_path = os.path.join(smoke_run, "ckpt_0002.pt")
+    saved, _ = train.load_checkpoint(ckpt_path)
+    seen = []
+    real_update = train.update
+
+    def spy(policy, optimizer, batches, cfg, average):
+        if not seen:  # the optimizer as the first update of the resumed run finds it
+            seen.append((optimizer.m.clone(), optimizer.v.clone(), optimizer.t, float(optimizer.lr),
+                         {k: v.clone() for k, v in policy.state_dict().items()}))
+        return real_update(policy, optimizer, batches, cfg, average)
+
+    monkeypatch.setattr(train, "update", spy)
+    train.main(["--resume", ckpt_path, "--max-iterations", "3"])
+    m, v, t, lr, weights = seen[0]
+    assert torch.equal(m, saved["optimizer"]["m"]) and torch.equal(v, saved["optimizer"]["v"])
+    assert t == saved["optimizer"]["t"] and lr == float(saved["optimizer"]["lr"])
+    assert all(torch.equal(weights[k], saved["policy"][k]) for k in weights)
+    with open(os.path.join(smoke_run, "metrics.jsonl")) as f:
+        assert [json.loads(line)["iteration"] for line in f] == [1, 2, 3]  # the counter went on
+    assert train.load_checkpoint(os.path.join(smoke_run, "ckpt_0003.pt"))[0]["iteration"] == 3
+
+
+def test_train_resume_rejects_another_network_shape(smoke_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", os.path.join(smoke_run, "ckpt_0002.pt"), "--hidden", "64", "64"])
+    assert e.value.code == 2 and "does not match" in capsys.readouterr().err
+
+
+def test_eval_reports_on_a_checkpoint(smoke_run):
+    ckpt = os.path.join(smoke_run, "ckpt_0002.pt")
+    report = train.main(["--eval", ckpt, "--eval-envs", "8", "--eval-seconds", "2"])
+    assert report["drones"] == 8 and report["seconds"] == pytest.approx(2.0)
+    assert report["targets_per_drone_min"] >= 0 and report["crashes_per_drone_min"] >= 0
+    assert 0 < report["mean_distance_m"] <= report["p95_distance_m"] < 5
+    assert os.path.isfile(os.path.join(smoke_run, "ckpt_0002_tracks.png"))
+
+
+def test_nonfinite_weights_stop_training_without_saving(tmp_path, monkeypatch, capsys):
+    real_update = train.update
+
+    def poisoned(policy, optimizer, batches, cfg, average):
+        stats = real_update(policy, optimizer, batches, cfg, average)
+        optimizer.theta[0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(train, "update", poisoned)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--max-iterations", "2", "--log-dir", str(tmp_path), "--run-name", "nan"])
+    assert e.value.code == 1
+    assert "non-finite loss or weights at iteration 1" in capsys.readouterr().err
+    assert not [f for f in os.listdir(tmp_path / "nan") if f.endswith(".pt")]
+
+
+# ---------------------------------------------------------------- data-parallel training (train.Workers)
+import tempfile
+
+import torch.multiprocessing as mp
+from storage import Batch
+
+
+def dp_batches(T, N, M, seed, rank, world, average):
+    """The same global data on every worker: T steps of world*N envs; worker r owns envs [r*N, (r+1)*N).
+    Minibatch k of worker r holds the samples with index % M == k, so that minibatch k of the single
+    process (world=1, N*world envs) is exactly the union of the workers' minibatches k."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        policy = ActorCritic(17, 4, hidden=(32, 32))  # the rollout policy, the same on every worker
+    s = RolloutStorage(T, N, 17, 4, "cpu")
+    cols = slice(rank * N, (rank + 1) * N)
+    with torch.no_grad():
+        for _ in range(T):
+            obs = torch.randn(N * world, 17, generator=g)
+            done = torch.rand(N * world, generator=g) < 0.1
+            a = torch.randn(N * world, 4, generator=g)
+            lp, _, v, mean, std = policy.evaluate(obs, a)
+            s.add(obs[cols], a[cols], torch.randn(N * world, generator=g)[cols], done[cols], done[cols],
+                  v[cols], v[cols], lp[cols], mean[cols], std[cols])
+        s.compute_returns(torch.zeros(N * world)[cols], 0.99, 0.95, average=average)
+    flat = [x.flatten(0, 1) for x in (s.obs, s.actions, s.log_probs, s.values, s.advantages, s.returns, s.mean,
+                                      s.std)]
+    # sample (t, n) of worker r is global sample (t, r*N + n); order each minibatch by global index
+    index = (torch.arange(T)[:, None] * N * world + rank * N + torch.arange(N)[None]).flatten()
+    return [Batch(*(x[index % M == k] for x in flat)) for k in range(M)]
+
+
+def dp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    workers = train.Workers()
+    workers.start(torch.device("cpu"))
+    torch.manual_seed(0)
+    policy = ActorCritic(17, 4, hidden=(32, 32))
+    opt = Adam(policy.parameters(), lr=1e-3)
+    if rank == 1:
+        opt.theta.add_(1.0)  # a different start: the broadcast must fix it
+    workers.broadcast(opt.theta)
+    thetas = []
+    for it in range(3):  # three updates on fresh data, theta recorded after each
+        batches = dp_batches(T=6, N=8, M=2, seed=it, rank=rank, world=world, average=workers.average)
+        update(policy, opt, batches * 2, PPOConfig(), workers.average)  # 2 epochs x 2 minibatches
+        thetas.append(opt.theta.clone())
+    torch.save(thetas, os.path.join(out_dir, f"rank{rank}.pt"))
+    workers.close()
+
+
+def test_data_parallel_update_equals_single_process_on_the_global_batch():
+    with tempfile.TemporaryDirectory() as out:
+        port = 29500 + os.getpid() % 1000
+        mp.spawn(dp_worker, args=(2, port, out), nprocs=2, join=True)
+        r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
+    # single process, all 2 x 8 envs, the same minibatch partition and the same starting weights
+    torch.manual_seed(0)
+    policy = ActorCritic(17, 4, hidden=(32, 32))
+    opt = Adam(policy.parameters(), lr=1e-3)
+    for it in range(3):
+        assert torch.equal(r0[it], r1[it])  # the workers' weights are bit-identical after every update
+        update(policy, opt, dp_batches(T=6, N=16, M=2, seed=it, rank=0, world=1, average=None) * 2, PPOConfig())
+        assert torch.allclose(r0[it], opt.theta, atol=1e-6), (r0[it] - opt.theta).abs().max()
+    assert (r0[-1] - torch.cat([p.detach().flatten() for p in ActorCritic(17, 4, hidden=(32, 32)).parameters()])
+            ).abs().max() > 1e-3  # the weights really moved
+
+
+# ---------------------------------------------------------------- bench.py
+
+def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
+    import bench
+    out = str(tmp_path / "bench.json")
+    results = bench.main(["--num-envs", "16", "--num-steps", "8", "--env-steps", "5", "--iterations", "1",
+                          "--out", out])
+    r = results["sizes"][16]
+    for key in ("physics_steps_per_s", "env_steps_per_s", "rollout_steps_per_s", "update_s", "floor_s",
+                "train_steps_per_s", "ratio_to_floor"):
+        assert r[key] > 0, key
+    assert set(results["adam"]) == {"this Adam (flat buffers)", "torch Adam foreach", "torch Adam fused",
+                                    "torch Adam for-loop"}
+    with open(out) as f:
+        assert json.load(f)["sizes"]["16"]["update_s"] == r["update_s"]

@@ -1,0 +1,259 @@
+"""Benchmark every stage against its own limit, in one run, on one machine. Prints a table, writes JSON.
+
+    python bench.py                        all sections, CPU: N = 1024 and 8192
+    python bench.py --sections adam update --num-envs 8192
+    python bench.py --device cuda          on a GPU (adds N = 32768)
+
+Sections (each a ratio to a reference measured in the same run):
+    physics   raw Genesis stepping of the hover scene: RPM set + state read, nothing else (the ceiling)
+    env       HoverEnv.step alone, as a ratio to physics
+    rollout   env + policy inference + storage writes
+    update    one PPO update (epochs x minibatches) vs the same arithmetic in plain torch (its floor)
+    adam      this Adam vs torch.optim.Adam (foreach, fused), one step on the default network
+    train     iterations of train.py's loop, vs the floor physics + plain-torch update
+Run it on an idle machine: a second busy process makes such figures meaningless.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: idle torch threads sleep
+import torch  # noqa: E402
+
+from adam import Adam  # noqa: E402
+from policy import ActorCritic  # noqa: E402
+from ppo import PPOConfig, ppo_loss, update  # noqa: E402
+from storage import RolloutStorage  # noqa: E402
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps, device, warmup=2):
+    """Median seconds of fn() over reps runs, after warmup runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def filled_storage(num_envs, num_steps, device, policy):
+    """A rollout's worth of realistic samples: random obs, actions drawn from the policy."""
+    s = RolloutStorage(num_steps, num_envs, 17, 4, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for _ in range(num_steps):
+            obs = torch.rand(num_envs, 17, device=device, generator=g) * 2 - 1
+            a, lp, v, mean, std = policy.act(obs)
+            done = torch.rand(num_envs, device=device, generator=g) < 0.01
+            s.add(obs, a, torch.randn(num_envs, device=device, generator=g), done, done & (v > 0), v, v, lp, mean, std)
+        s.compute_returns(torch.zeros(num_envs, device=device), 0.99, 0.95)
+    return s
+
+
+def bench_adam(device, reps=200):
+    """One optimizer step on the default 38,281-parameter network, gradients fixed."""
+    results = {}
+    variants = {"this Adam (flat buffers)": lambda ps: Adam(ps, lr=3e-4),
+                "torch Adam foreach": lambda ps: torch.optim.Adam(ps, lr=3e-4, foreach=True),
+                "torch Adam fused": lambda ps: torch.optim.Adam(ps, lr=3e-4, fused=True),
+                "torch Adam for-loop": lambda ps: torch.optim.Adam(ps, lr=3e-4, foreach=False)}
+    for name, make in variants.items():
+        policy = ActorCritic(17, 4).to(device)
+        opt = make(list(policy.parameters()))
+        opt.zero_grad()
+        obs = torch.randn(4096, 17, device=device)
+        (policy.actor(obs).square().mean() + policy.critic(obs).square().mean()).backward()
+        results[name] = timed(opt.step, reps, device, warmup=10) * 1e6  # microseconds
+    ref = results["torch Adam fused"]
+    return {name: {"us_per_step": us, "ratio_to_fused": us / ref} for name, us in results.items()}
+
+
+def plain_torch_update(policy, optimizer, batches, cfg):
+    """The floor: the same forward/backward/Adam arithmetic on the same minibatch sizes, nothing else
+    (contiguous minibatches without a gather, no KL, no lr schedule, torch's fused Adam)."""
+    for b in batches:
+        log_prob, entropy, value, _, _ = policy.evaluate(b.obs, b.actions)
+        loss = ppo_loss(log_prob, b.log_probs, b.advantages, value, b.values, b.returns, entropy,
+                        cfg.clip, cfg.value_coef, cfg.entropy_coef, cfg.clip_value_loss)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+
+
+def bench_update(num_envs, num_steps, device, reps=3):
+    cfg = PPOConfig()
+    samples = num_envs * num_steps
+    policy = ActorCritic(17, 4).to(device)
+    storage = filled_storage(num_envs, num_steps, device, policy)
+    ours = Adam(policy.parameters(), lr=cfg.learning_rate)
+    t_ours = timed(lambda: update(policy, ours, storage.minibatches(cfg.num_epochs, cfg.num_minibatches), cfg)
+                   ["loss"].item(), reps, device, warmup=1)
+
+    ref_policy = ActorCritic(17, 4).to(device)
+    ref_opt = torch.optim.Adam(ref_policy.parameters(), lr=cfg.learning_rate, fused=True)
+    one_epoch = list(storage.minibatches(1, cfg.num_minibatches))  # gathered once, outside the timing
+    t_floor = timed(lambda: plain_torch_update(ref_policy, ref_opt, one_epoch * cfg.num_epochs, cfg),
+                    reps, device, warmup=1)
+
+    opt_only = Adam(ActorCritic(17, 4).to(device).parameters())
+    t_step = timed(opt_only.step, 50, device) * cfg.num_epochs * cfg.num_minibatches
+    return {"samples": samples, "update_s": t_ours, "floor_s": t_floor, "ratio_to_floor": t_ours / t_floor,
+            "samples_per_s": samples * cfg.num_epochs / t_ours, "optimizer_share": t_step / t_ours}
+
+
+def bench_physics_and_env(env, steps, rounds=3):
+    """Raw Genesis stepping (RPM set, step, the same state reads as HoverEnv) vs HoverEnv.step, on one scene.
+
+    Both replay one pool of small random actions in +a/-a pairs, so the drones wobble about hover and
+    none crashes: the physics does the same work in both loops. Rounds alternate; the best of each is kept."""
+    n, dev, cfg = env.num_envs, env.device, env.cfg
+    g = torch.Generator(device=dev).manual_seed(0)
+    half = [(torch.rand(n, 4, device=dev, generator=g) * 2 - 1) * 0.05 for _ in range(8)]
+    pool = [x for a in half for x in (a, -a)]
+    rpms = [(1 + cfg.rpm_gain * a) * cfg.hover_rpm for a in pool]
+
+    def raw(k):
+        for i in range(k):
+            env.drone.set_propellers_rpm(rpms[i % 16])
+            env.scene.step()
+            env.drone.get_qpos(), env.drone.get_dofs_velocity()
+
+    def wrapped(k):
+        for i in range(k):
+            env.step(pool[i % 16])
+
+    best = {"raw": float("inf"), "env": float("inf")}
+    for _ in range(rounds):
+        for name, fn in (("raw", raw), ("env", wrapped)):
+            env.reset()
+            fn(20)
+            sync(dev)
+            t = time.perf_counter()
+            fn(steps)
+            sync(dev)
+            best[name] = min(best[name], time.perf_counter() - t)
+    raw_sps, env_sps = n * steps / best["raw"], n * steps / best["env"]
+    return {"physics_steps_per_s": raw_sps, "env_steps_per_s": env_sps, "env_overhead": raw_sps / env_sps - 1}
+
+
+def bench_rollout(env, num_steps, reps=3):
+    """train.py's rollout: env + policy inference + storage writes + GAE, env-steps per second."""
+    import train
+    cfg = train.TrainConfig(num_envs=env.num_envs, num_steps=num_steps, device=str(env.device))
+    policy = ActorCritic(17, 4).to(env.device)
+    storage = RolloutStorage(num_steps, env.num_envs, 17, 4, env.device)
+    episodes = train.EpisodeStats(env.device)
+    state = {"obs": env.reset()}
+
+    def run():
+        state["obs"] = train.rollout(policy, env, storage, state["obs"], episodes, cfg)
+    t = timed(run, reps, env.device, warmup=1)
+    return {"rollout_s": t, "rollout_steps_per_s": env.num_envs * num_steps / t}
+
+
+def bench_train(env, num_steps, iterations=3):
+    """Iterations of train.py's loop (rollout + update, the one sync per iteration), env-steps per second."""
+    import train
+    cfg = train.TrainConfig(num_envs=env.num_envs, num_steps=num_steps, device=str(env.device))
+    policy = ActorCritic(17, 4).to(env.device)
+    optimizer = Adam(policy.parameters(), lr=cfg.ppo.learning_rate)
+    storage = RolloutStorage(num_steps, env.num_envs, 17, 4, env.device)
+    episodes = train.EpisodeStats(env.device)
+    state = {"obs": env.reset()}
+
+    def iteration():
+        train.cpu_threads(cfg, "rollout")
+        state["obs"] = train.rollout(policy, env, storage, state["obs"], episodes, cfg)
+        train.cpu_threads(cfg, "update")
+        losses = update(policy, optimizer, storage.minibatches(cfg.ppo.num_epochs, cfg.ppo.num_minibatches), cfg.ppo)
+        losses["loss"].item()
+    t = timed(iteration, iterations, env.device, warmup=1)
+    return {"iteration_s": t, "train_steps_per_s": env.num_envs * num_steps / t}
+
+
+def peak_memory(device):
+    out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.device(device).type == "cuda":
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-envs", type=int, nargs="+", default=None, help="default: 1024 8192 (+32768 on CUDA)")
+    p.add_argument("--num-steps", type=int, default=100, help="steps per env per iteration")
+    p.add_argument("--env-steps", type=int, default=100, help="steps timed in the physics/env section")
+    p.add_argument("--iterations", type=int, default=3, help="timed repetitions of rollout, update and train")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--out", default="bench_results.json")
+    args = p.parse_args(argv)
+    import train
+    cfg = train.TrainConfig(device=args.device)  # the thread settings train.py uses on CPU
+    sizes = args.num_envs or ([1024, 8192] + ([32768] if args.device.startswith("cuda") else []))
+    results = {"device": args.device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "cpu_threads": {"rollout": cfg.threads_rollout, "update": cfg.threads_update}, "sizes": {}}
+    if "adam" in args.sections:
+        train.cpu_threads(cfg, "update")
+        results["adam"] = bench_adam(args.device)
+        print(f"adam: one step on the default network (38,281 parameters), {args.device}")
+        for name, r in results["adam"].items():
+            print(f"  {name:<26s} {r['us_per_step']:8.1f} us   {r['ratio_to_fused']:.2f} x fused")
+    for n in sizes:
+        r = results["sizes"][n] = {}
+        print(f"--- {n} envs x {args.num_steps} steps = {n * args.num_steps:,} samples per iteration")
+        env = None
+        if {"physics", "env", "rollout", "train"} & set(args.sections):
+            from env import HoverEnv
+            env = HoverEnv(n, device=args.device, seed=0, check_actions=False)
+        train.cpu_threads(cfg, "rollout")
+        if {"physics", "env"} & set(args.sections):
+            r.update(bench_physics_and_env(env, args.env_steps))
+            print(f"  physics (raw Genesis)  {r['physics_steps_per_s']:10,.0f} env-steps/s\n"
+                  f"  HoverEnv.step          {r['env_steps_per_s']:10,.0f} env-steps/s   "
+                  f"overhead {100 * r['env_overhead']:+.1f} % over physics")
+        if "rollout" in args.sections:
+            r.update(bench_rollout(env, args.num_steps, args.iterations))
+            print(f"  rollout (env+policy+storage) {r['rollout_steps_per_s']:10,.0f} env-steps/s   "
+                  f"{r['rollout_s']:.3f} s per iteration")
+        if "update" in args.sections:
+            train.cpu_threads(cfg, "update")
+            r.update(bench_update(n, args.num_steps, args.device, args.iterations))
+            print(f"  PPO update             {r['update_s']:.3f} s  ({r['samples_per_s']:,.0f} samples/s per epoch)   "
+                  f"plain-torch floor {r['floor_s']:.3f} s   ratio {r['ratio_to_floor']:.2f}   "
+                  f"optimizer share {100 * r['optimizer_share']:.1f} %")
+        if "train" in args.sections:
+            r.update(bench_train(env, args.num_steps, args.iterations))
+            line = f"  train.py iteration     {r['iteration_s']:.3f} s  ({r['train_steps_per_s']:,.0f} env-steps/s)"
+            if "physics_steps_per_s" in r and "floor_s" in r:
+                r["floor_iteration_s"] = n * args.num_steps / r["physics_steps_per_s"] + r["floor_s"]
+                r["ratio_to_floor"] = r["iteration_s"] / r["floor_iteration_s"]
+                line += f"   floor (physics + plain-torch update) {r['floor_iteration_s']:.3f} s   " \
+                        f"ratio {r['ratio_to_floor']:.2f}"
+            print(line)
+        del env
+    results["memory"] = peak_memory(args.device)
+    print("  ".join(f"{k} {v:,.0f}" for k, v in results["memory"].items()))
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+    return results
+
+
+SECTIONS = ("physics", "env", "rollout", "update", "adam", "train")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Crazyflie hover task on the Genesis simulator: N drones stepped as one batch.
+
+Place in the PPO loop: this is the *rollout* stage. The policy turns `obs` into `actions`, `step(actions)` advances
+every env by one 100 Hz control step and returns the next `obs`, the `reward`, the `done` flags and an `info` dict
+that the storage keeps; PPO loss, backward, the Adam step and the in-place overwrite of θ follow, then the next
+rollout calls `step` again. Finished envs are reset inside `step`, so the loop never stops.
+
+Shapes (N = num_envs, all tensors on the env device):
+    step(actions [N, 4] float32 in [-1, 1]) -> obs [N, 17], reward [N], done [N] bool, info
+    reset() -> obs [N, 17]
+    obs = clip((target - pos) / 3)  (3) | base quaternion w,x,y,z (4) | clip(body linear velocity / 3) (3)
+          | clip(body angular velocity / pi) (3) | actions applied this step (4)
+
+The task matches Genesis's examples/drone/hover_env.py (same scene, action map, observation scales, rewards and
+terminations), so returns compare with it; the deliberate differences are noted where they occur. This is the only
+file that imports genesis. `step` never reads a tensor back to the host except for one optional check of the actions
+(see `check_actions`): resets go through Genesis setters that take a boolean env mask, everything else is torch.where.
+"""
+from dataclasses import dataclass
+
+import torch
+import genesis as gs
+
+
+@dataclass
+class HoverConfig:
+    """Every constant of the task; the defaults are those of Genesis's hover example."""
+
+    dt: float = 0.01  # control and physics step [s] (100 Hz), split into `substeps` solver substeps
+    substeps: int = 2
+    episode_length_s: float = 15.0  # time-out (truncation) after this long: 1500 steps
+    hover_rpm: float = 14468.429183500699  # propeller RPM at which thrust balances the Crazyflie's weight
+    rpm_gain: float = 0.8  # rpm = (1 + rpm_gain * action) * hover_rpm, action clipped to [-1, 1]
+    init_pos: tuple = (0.0, 0.0, 1.0)  # every episode starts hovering here, level and at rest
+    init_quat: tuple = (1.0, 0.0, 0.0, 0.0)
+    target_low: tuple = (-1.0, -1.0, 1.0)  # targets are uniform in [low, high] per axis (z fixed at 1 m)
+    target_high: tuple = (1.0, 1.0, 1.0)
+    at_target_dist: float = 0.1  # closer than this to the target [m]: count it and draw a new one
+    crash_rel_pos: tuple = (3.0, 3.0, 2.0)  # crash if |target - pos| exceeds this on any axis [m] ...
+    crash_min_height: float = 0.1  # ... or if the drone is lower than this [m]
+    obs_rel_pos_scale: float = 1 / 3.0
+    obs_lin_vel_scale: float = 1 / 3.0
+    obs_ang_vel_scale: float = 1 / 3.14159
+    # Reward weights; each term is also multiplied by dt. Terms: target = |p_prev - t|^2 - |p - t|^2 (progress toward
+    # the target), smooth = |a - a_prev|^2, yaw = exp(yaw_lambda * |yaw|) with yaw in radians,
+    # angular = |omega_body| / 3.14159, crash = 1 on the step the drone crashes.
+    reward_target: float = 10.0
+    reward_smooth: float = -1e-4
+    reward_yaw: float = 0.01
+    reward_angular: float = -2e-4
+    reward_crash: float = -10.0
+    yaw_lambda: float = -10.0
+    random_episode_start: bool = False  # reset() draws episode counters in [0, 1500) so time-outs spread out
+    # Viewer / recording camera (only used when show_viewer or record_camera).
+    camera_pos: tuple = (3.5, 0.0, 2.5)
+    camera_lookat: tuple = (0.0, 0.0, 0.5)
+    camera_fov: float = 30.0
+
+
+REWARD_TERMS = ("target", "smooth", "yaw", "angular", "crash")
+
+_genesis_device = None  # Genesis can be initialised once per process; every HoverEnv must use its backend.
+
+
+def _init_genesis(device: torch.device) -> torch.device:
+    global _genesis_device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:K]', got '{device}'")
+    if _genesis_device is None:
+        if not gs._initialized:  # (someone else may have initialised it already: then adopt its device)
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device.index)  # Genesis runs on the current CUDA device
+            # No `seed=` here: gs.init would reseed the global torch/numpy/random RNGs under the trainer's feet.
+            backend = gs.cpu if device.type == "cpu" else gs.gpu
+            gs.init(backend=backend, precision="32", logging_level="warning", performance_mode=True)
+        _genesis_device = gs.device
+    if device.type != _genesis_device.type or device.index not in (None, _genesis_device.index):
+        raise RuntimeError(f"Genesis is already initialised on '{_genesis_device}' in this process; "
+                           f"cannot create a HoverEnv on '{device}' (one backend per process)")
+    return _genesis_device
+
+
+def quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """World vectors v [N, 3] into the body frame of unit quaternions q [N, 4] (w, x, y, z): R(q)^T v."""
+    w, u = q[:, :1], q[:, 1:]  # [N, 1], [N, 3]
+    t = torch.linalg.cross(u, v).mul_(2.0)  # rotating by the conjugate (w, -u): v - w t + u x t
+    return v - w * t + torch.linalg.cross(u, t)
+
+
+def quat_yaw(q: torch.Tensor) -> torch.Tensor:
+    """Yaw [N] in (-pi, pi] of quaternions q [N, 4] (w, x, y, z): rotation about world z in z-y-x Euler angles."""
+    w, x, y, z = q.unbind(1)
+    # atan2(2(wz + xy), 1 - 2(y^2 + z^2)), both arguments halved (same angle, two ops fewer)
+    return torch.atan2(torch.addcmul(w * z, x, y), 0.5 - torch.addcmul(y * y, z, z))
+
+
+class HoverEnv:
+    num_obs = 17
+    num_actions = 4
+
+    def __init__(self, num_envs: int, device: str = "cpu", seed: int = 0, cfg: HoverConfig = HoverConfig(),
+                 show_viewer: bool = False, record_camera: bool = False, check_actions: bool = True):
+        self.num_envs, self.cfg, self.dt = num_envs, cfg, cfg.dt
+        self.device = _init_genesis(torch.device(device))
+        self.max_episode_length = round(cfg.episode_length_s / cfg.dt)  # 1500 (ceil would give 1501 in floats)
+        # Checking actions for NaN/inf reads one bool back to the host: the only sync in `step`. Turn it off in
+        # production runs once the policy is known to be sane.
+        self.check_actions = check_actions
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)  # targets/episode starts only
+
+        visual = show_viewer or record_camera
+        self.scene = gs.Scene(
+            sim_options=gs.options.SimOptions(dt=cfg.dt, substeps=cfg.substeps),  # no RigidOptions(dt=): it would clash
+            rigid_options=gs.options.RigidOptions(constraint_solver=gs.constraint_solver.Newton,
+                                                  enable_collision=True, enable_joint_limit=True),
+            viewer_options=gs.options.ViewerOptions(refresh_rate=60, camera_pos=cfg.camera_pos,
+                                                    camera_lookat=cfg.camera_lookat, camera_fov=cfg.camera_fov),
+            vis_options=gs.options.VisOptions(rendered_envs_idx=[0]),  # draw env 0 only: N drones would overlap
+            show_viewer=show_viewer)
+        self.scene.add_entity(gs.morphs.Plane())
+        self.drone = self.scene.add_entity(gs.morphs.Drone(file="urdf/drones/cf2x.urdf"))
+        # Target markers cost physics time, so they exist only when someone looks.
+        self.target_marker = self.scene.add_entity(
+            gs.morphs.Mesh(file="meshes/sphere.obj", scale=0.05, fixed=True, collision=False),
+            surface=gs.surfaces.Rough(diffuse_texture=gs.textures.ColorTexture(color=(1.0, 0.5, 0.5))),
+        ) if visual else None
+        self.camera = self.scene.add_camera(res=(640, 480), pos=cfg.camera_pos, lookat=cfg.camera_lookat,
+                                            fov=cfg.camera_fov, GUI=False) if record_camera else None
+        self.scene.build(n_envs=num_envs)
+
+        N, dev, f32 = num_envs, self.device, torch.float32
+        self._init_qpos = torch.tensor((*cfg.init_pos, *cfg.init_quat), device=dev).expand(N, 7).contiguous()
+        self._target_low = torch.tensor(cfg.target_low, device=dev)  # [3]
+        self._target_span = torch.tensor(cfg.target_high, device=dev) - self._target_low  # [3]
+        self._crash_rel_pos = torch.tensor(cfg.crash_rel_pos, device=dev)  # [3]
+        self._obs_scale = torch.tensor([cfg.obs_rel_pos_scale] * 3 + [1.0] * 4 + [cfg.obs_lin_vel_scale] * 3
+                                       + [cfg.obs_ang_vel_scale] * 3 + [1.0] * 4, device=dev)  # [17]
+        w = (cfg.reward_target, cfg.reward_smooth, cfg.reward_yaw, cfg.reward_angular / 3.14159, cfg.reward_crash)
+        self._stats_scale = torch.tensor([cfg.dt * x for x in w] + [1.0, 1.0], device=dev)  # [7], 1/pi folded in
+        self._ones = torch.ones(N, device=dev)
+        # Observation of the start state with the target slot still to fill: level, at rest, no previous action.
+        self._start_obs = torch.zeros(self.num_obs, device=dev)
+        self._start_obs[3:7] = torch.tensor(cfg.init_quat, device=dev)
+
+        self.base_pos = self._init_qpos[:, :3].clone()  # [N, 3] current drone positions
+        self.target_pos = torch.zeros(N, 3, device=dev)  # [N, 3] current targets
+        self.last_actions = torch.zeros(N, 4, device=dev)  # [N, 4] actions applied at the previous step
+        self.episode_length = torch.zeros(N, dtype=torch.int32, device=dev)  # [N] steps into the episode
+        self._sums = torch.zeros(N, 7, dtype=f32, device=dev)  # [N, 7] running per-episode sums, see step
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _draw_targets(self) -> torch.Tensor:
+        u = torch.rand(self.num_envs, 3, device=self.device, generator=self.generator)  # [N, 3]
+        return torch.addcmul(self._target_low, self._target_span, u)
+
+    def _observe(self, rel_pos, quat, lin_vel_b, ang_vel_b, actions) -> torch.Tensor:
+        obs = torch.cat((rel_pos, quat, lin_vel_b, ang_vel_b, actions), dim=1)  # [N, 17]
+        return obs.mul_(self._obs_scale).clamp_(-1.0, 1.0)  # quat and actions already lie in [-1, 1]
+
+    def _observe_target(self, obs: torch.Tensor):
+        """Rewrite the target slot of obs [N, 17] for the current targets and positions."""
+        obs[:, :3] = (self.target_pos - self.base_pos).mul_(self.cfg.obs_rel_pos_scale).clamp_(-1.0, 1.0)
+
+    def _show_targets(self):
+        if self.target_marker is not None:
+            self.target_marker.set_pos(self.target_pos, zero_velocity=False)
+
+    def reset(self, random_episode_start: bool | None = None) -> torch.Tensor:
+        """Reset all envs; returns obs [N, 17]."""
+        N, dev = self.num_envs, self.device
+        self.drone.set_qpos(self._init_qpos, zero_velocity=True)
+        self.base_pos = self._init_qpos[:, :3].clone()
+        self.target_pos = self._draw_targets()
+        self.last_actions.zero_()
+        self._sums.zero_()
+        self.episode_length.zero_()
+        if self.cfg.random_episode_start if random_episode_start is None else random_episode_start:
+            self.episode_length = torch.randint(0, self.max_episode_length, (N,), dtype=torch.int32, device=dev,
+                                                generator=self.generator)
+        self._show_targets()
+        obs = self._start_obs.expand(N, self.num_obs).clone()
+        self._observe_target(obs)
+        return obs
+
+    def _check(self, actions):
+        N = self.num_envs
+        if not isinstance(actions, torch.Tensor):
+            raise TypeError(f"actions must be a torch.Tensor, got {type(actions).__name__}")
+        if actions.shape != (N, self.num_actions):
+            raise ValueError(f"actions must have shape ({N}, {self.num_actions}), got {tuple(actions.shape)}")
+        if actions.dtype != torch.float32:
+            raise TypeError(f"actions must be float32, got {actions.dtype}")
+        if actions.device != self.device:
+            raise ValueError(f"actions must be on {self.device}, got {actions.device}")
+        if self.check_actions and not torch.isfinite(actions).all():  # the one host sync (see __init__)
+            raise ValueError("actions contain NaN or inf")
+
+    def step(self, actions: torch.Tensor):
+        """Advance all envs by dt; reset the finished ones. Returns obs [N, 17], reward [N], done [N] bool, info:
+        time_outs [N] bool   episode truncated at max_episode_length (the trainer bootstraps these from final_obs)
+        final_obs [N, 17]    observation before the reset (equals obs where not done)
+        nonfinite [N] bool   physics state went NaN/inf: such an env ends with done=True, crashed=False,
+                             time_outs=False and zero reward (a termination: nothing to bootstrap from)
+        episode              dict of [N] float32 sums over the episode: return, length (steps taken), targets
+                             (reached), reward_<term> per term; crashed [N] bool. Where done: the finished
+                             episode's totals; elsewhere: the running sums of the episode so far.
+        """
+        self._check(actions)
+        cfg = self.cfg
+        a = actions.clamp(-1.0, 1.0)  # [N, 4]
+        self.drone.set_propellers_rpm(a.mul(cfg.rpm_gain * cfg.hover_rpm).add_(cfg.hover_rpm))
+        self.scene.step()
+
+        # Free-joint state: qpos = world position + quaternion, dof velocity = world linear + *body* angular velocity.
+        qpos, dof_vel = self.drone.get_qpos(), self.drone.get_dofs_velocity()  # [N, 7], [N, 6] (fresh copies)
+        # A blown-up env must not spread NaN into obs and reward: zero its state here, reset it below. (The row sum
+        # of finite, moderate numbers is finite, so one isfinite on the sums checks the whole row.)
+        nonfinite = ~torch.isfinite(qpos.sum(1) + dof_vel.sum(1))  # [N]
+        qpos.masked_fill_(nonfinite[:, None], 0.0)
+        dof_vel.masked_fill_(nonfinite[:, None], 0.0)
+        pos, quat, ang_vel_b = qpos[:, :3], qpos[:, 3:], dof_vel[:, 3:]
+        lin_vel_b = quat_rotate_inverse(quat, dof_vel[:, :3])  # [N, 3]
+        self.episode_length += 1
+
+        # Reward from the post-physics, pre-reset state, with this step's target for both ends of the progress term.
+        # (The Genesis example computes it after resetting, which loses the last step of every finished episode.)
+        rel_pos, prev_rel_pos = self.target_pos - pos, self.target_pos - self.base_pos  # [N, 3]
+        dist2 = rel_pos.square().sum(1)  # [N]
+        finite = ~nonfinite
+        crashed = (rel_pos.abs() > self._crash_rel_pos).any(1) | (pos[:, 2] < cfg.crash_min_height)  # [N]
+        crashed &= finite
+        # The example also ends episodes on |roll| or |pitch| > 180 deg; Euler angles never exceed that: left out.
+        at_target = (dist2 < cfg.at_target_dist ** 2) & finite  # [N]
+        # This step's 5 reward terms, then its step count (1) and targets reached, as one [N, 7] row per env.
+        step_stats = torch.stack((prev_rel_pos.square().sum(1) - dist2,
+                                  (a - self.last_actions).square().sum(1),
+                                  torch.exp(cfg.yaw_lambda * quat_yaw(quat).abs()),
+                                  ang_vel_b.square().sum(1).sqrt(),
+                                  crashed.float(), self._ones, at_target.float()), dim=1).mul_(self._stats_scale)
+        terms = step_stats[:, :5]  # [N, 5]
+        terms.masked_fill_(nonfinite[:, None], 0.0)
+        reward = terms.sum(1)  # [N]
+
+        terminated = crashed | nonfinite  # no bootstrapping past these
+        time_outs = (self.episode_length >= self.max_episode_length) & ~terminated
+        done = terminated | time_outs
+
+        # Per-episode sums; finished rows are handed out as they are and restart from zero in a fresh tensor.
+        sums = self._sums + step_stats  # [N, 7]
+        self._sums = sums.masked_fill(done[:, None], 0.0)
+        episode = {f"reward_{term}": sums[:, i] for i, term in enumerate(REWARD_TERMS)}
+        episode.update(length=sums[:, 5], targets=sums[:, 6], crashed=crashed, **{"return": sums[:, :5].sum(1)})
+
+        # Observation before any reset (bootstrapping target for time-outs). The action slot holds the action
+        # applied in this step; the Genesis example stores the one before it (one step staler).
+        new_targets = self._draw_targets()  # [N, 3] used by envs that reached their target or finished
+        self.target_pos = torch.where(at_target[:, None], new_targets, self.target_pos)
+        final_obs = self._observe(self.target_pos - pos, quat, lin_vel_b, ang_vel_b, a)  # [N, 17]
+
+        # Reset finished envs without reading `done` back: Genesis setters take the boolean mask as it is.
+        self.drone.set_qpos(self._init_qpos, envs_idx=done, zero_velocity=True)
+        reset = done[:, None]
+        self.target_pos = torch.where(reset, new_targets, self.target_pos)
+        self.base_pos = torch.where(reset, self._init_qpos[:, :3], pos)
+        self.last_actions = a.masked_fill(reset, 0.0)
+        self.episode_length.masked_fill_(done, 0)
+        obs = torch.where(reset, self._start_obs, final_obs)
+        self._observe_target(obs)
+        self._show_targets()
+
+        info = {"time_outs": time_outs, "final_obs": final_obs, "episode": episode, "nonfinite": nonfinite}
+        return obs, reward, done, info
