@@ -110,8 +110,8 @@ def bench_update(num_envs, num_steps, device, reps=3):
 
     opt_only = Adam(ActorCritic(17, 4).to(device).parameters())
     t_step = timed(opt_only.step, 50, device) * cfg.num_epochs * cfg.num_minibatches
-    return {"samples": samples, "update_s": t_ours, "floor_s": t_floor, "ratio_to_floor": t_ours / t_floor,
-            "samples_per_s": samples * cfg.num_epochs / t_ours, "optimizer_share": t_step / t_ours}
+    return {"samples": samples, "update_s": t_ours, "floor_s": t_floor,
+            "update_ratio_to_floor": t_ours / t_floor, "samples_per_s": samples * cfg.num_epochs / t_ours, "optimizer_share": t_step / t_ours}
 
 
 def bench_physics_and_env(env, steps, rounds=3):
@@ -233,16 +233,16 @@ def main(argv=None):
             train.cpu_threads(cfg, "update")
             r.update(bench_update(n, args.num_steps, args.device, args.iterations))
             print(f"  PPO update             {r['update_s']:.3f} s  ({r['samples_per_s']:,.0f} samples/s per epoch)   "
-                  f"plain-torch floor {r['floor_s']:.3f} s   ratio {r['ratio_to_floor']:.2f}   "
+                  f"plain-torch floor {r['floor_s']:.3f} s   ratio {r['update_ratio_to_floor']:.2f}   "
                   f"optimizer share {100 * r['optimizer_share']:.1f} %")
         if "train" in args.sections:
             r.update(bench_train(env, args.num_steps, args.iterations))
             line = f"  train.py iteration     {r['iteration_s']:.3f} s  ({r['train_steps_per_s']:,.0f} env-steps/s)"
             if "physics_steps_per_s" in r and "floor_s" in r:
                 r["floor_iteration_s"] = n * args.num_steps / r["physics_steps_per_s"] + r["floor_s"]
-                r["ratio_to_floor"] = r["iteration_s"] / r["floor_iteration_s"]
+                r["train_ratio_to_floor"] = r["iteration_s"] / r["floor_iteration_s"]
                 line += f"   floor (physics + plain-torch update) {r['floor_iteration_s']:.3f} s   " \
-                        f"ratio {r['ratio_to_floor']:.2f}"
+                        f"ratio {r['train_ratio_to_floor']:.2f}"
             print(line)
         del env
     results["memory"] = peak_memory(args.device)

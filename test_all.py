@@ -1054,7 +1054,7 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
                           "--out", out])
     r = results["sizes"][16]
     for key in ("physics_steps_per_s", "env_steps_per_s", "rollout_steps_per_s", "update_s", "floor_s",
-                "train_steps_per_s", "ratio_to_floor"):
+                "train_steps_per_s", "update_ratio_to_floor", "train_ratio_to_floor"):
         assert r[key] > 0, key
     assert set(results["adam"]) == {"this Adam (flat buffers)", "torch Adam foreach", "torch Adam fused",
                                     "torch Adam for-loop"}
