@@ -821,6 +821,7 @@ TINY = ["--device", "cpu", "--num-envs", "8", "--num-steps", "8", "--num-minibat
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
     (["--device", "tpu"], "unknown device"),
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at"),
+    (["--eval", "/nonexistent/ckpt.pt", "--eval-envs", "0"], "--eval-envs and --eval-seconds must be > 0"),
 ])
 def test_train_rejects_bad_settings_before_genesis(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

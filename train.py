@@ -353,7 +353,7 @@ def train(cfg, resume=None):
             if stop_requested:
                 break
     workers.close()
-    say(f"done: {it + 1} iterations in {format_time(time.time() - t_start)}; checkpoints in {run_dir}")
+    say(f"done at iteration {it + 1} ({format_time(time.time() - t_start)} in this process); checkpoints in {run_dir}")
     if workers.main:
         plot_curves(run_dir)
     return run_dir
@@ -492,6 +492,8 @@ def main(argv=None):
         fail("give either --resume or --eval, not both")
     if (args.video or args.viewer) and not args.eval:
         fail("--video and --viewer go with --eval CKPT")
+    if not (args.eval_envs > 0 and args.eval_seconds > 0):
+        fail(f"--eval-envs and --eval-seconds must be > 0, got {args.eval_envs} and {args.eval_seconds}")
     if args.viewer and sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
                                                                or os.environ.get("WAYLAND_DISPLAY")):
         fail("--viewer needs a display and none was found (DISPLAY is unset): use --video to save an mp4 instead")
