@@ -111,7 +111,8 @@ def bench_update(num_envs, num_steps, device, reps=3):
     opt_only = Adam(ActorCritic(17, 4).to(device).parameters())
     t_step = timed(opt_only.step, 50, device) * cfg.num_epochs * cfg.num_minibatches
     return {"samples": samples, "update_s": t_ours, "floor_s": t_floor,
-            "update_ratio_to_floor": t_ours / t_floor, "samples_per_s": samples * cfg.num_epochs / t_ours, "optimizer_share": t_step / t_ours}
+            "update_ratio_to_floor": t_ours / t_floor, "samples_per_s": samples * cfg.num_epochs / t_ours,
+            "optimizer_share": t_step / t_ours}
 
 
 def bench_physics_and_env(env, steps, rounds=3):
@@ -149,34 +150,33 @@ def bench_physics_and_env(env, steps, rounds=3):
     return {"physics_steps_per_s": raw_sps, "env_steps_per_s": env_sps, "env_overhead": raw_sps / env_sps - 1}
 
 
-def bench_rollout(env, num_steps, reps=3):
-    """train.py's rollout: env + policy inference + storage writes + GAE, env-steps per second."""
+def loop_state(env, num_steps):
+    """What train.py's loop holds for one env: its config, a fresh policy and Adam, storage, episode sums, obs."""
     import train
     cfg = train.TrainConfig(num_envs=env.num_envs, num_steps=num_steps, device=str(env.device))
     policy = ActorCritic(17, 4).to(env.device)
-    storage = RolloutStorage(num_steps, env.num_envs, 17, 4, env.device)
-    episodes = train.EpisodeStats(env.device)
-    state = {"obs": env.reset()}
+    state = {"obs": env.reset(), "episodes": train.EpisodeStats(env.device)}
+    return train, cfg, policy, Adam(policy.parameters(), lr=cfg.ppo.learning_rate), \
+        RolloutStorage(num_steps, env.num_envs, 17, 4, env.device), state
+
+
+def bench_rollout(env, num_steps, reps=3):
+    """train.py's rollout: env + policy inference + storage writes + GAE, env-steps per second."""
+    train, cfg, policy, _, storage, state = loop_state(env, num_steps)
 
     def run():
-        state["obs"] = train.rollout(policy, env, storage, state["obs"], episodes, cfg)
+        state["obs"] = train.rollout(policy, env, storage, state["obs"], state["episodes"], cfg)
     t = timed(run, reps, env.device, warmup=1)
     return {"rollout_s": t, "rollout_steps_per_s": env.num_envs * num_steps / t}
 
 
 def bench_train(env, num_steps, iterations=3):
     """Iterations of train.py's loop (rollout + update, the one sync per iteration), env-steps per second."""
-    import train
-    cfg = train.TrainConfig(num_envs=env.num_envs, num_steps=num_steps, device=str(env.device))
-    policy = ActorCritic(17, 4).to(env.device)
-    optimizer = Adam(policy.parameters(), lr=cfg.ppo.learning_rate)
-    storage = RolloutStorage(num_steps, env.num_envs, 17, 4, env.device)
-    episodes = train.EpisodeStats(env.device)
-    state = {"obs": env.reset()}
+    train, cfg, policy, optimizer, storage, state = loop_state(env, num_steps)
 
     def iteration():
         train.cpu_threads(cfg, "rollout")
-        state["obs"] = train.rollout(policy, env, storage, state["obs"], episodes, cfg)
+        state["obs"] = train.rollout(policy, env, storage, state["obs"], state["episodes"], cfg)
         train.cpu_threads(cfg, "update")
         losses = update(policy, optimizer, storage.minibatches(cfg.ppo.num_epochs, cfg.ppo.num_minibatches), cfg.ppo)
         losses["loss"].item()

@@ -126,8 +126,9 @@ def parse_args(argv=None):
             default = getattr(defaults, f.name)
             kind = boolean if isinstance(default, bool) else int if isinstance(default, tuple) else type(default)
             shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-            p.add_argument("--" + f.name.replace("_", "-"), type=kind, nargs="+" if isinstance(default, tuple) else None,
-                           default=None, help=f"{docs.get(f.name, '')} (default {shown})".replace("%", "%%"))
+            nargs = "+" if isinstance(default, tuple) else None
+            p.add_argument("--" + f.name.replace("_", "-"), type=kind, nargs=nargs, default=None,
+                           help=f"{docs.get(f.name, '')} (default {shown})".replace("%", "%%"))
     p.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
     p.add_argument("--eval", metavar="CKPT", help="fly the deterministic policy of a checkpoint and report")
     p.add_argument("--eval-envs", type=int, default=256, help="drones flown by --eval (default 256)")
