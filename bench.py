@@ -57,8 +57,9 @@ def filled_storage(num_envs, num_steps, device, policy):
             obs = torch.rand(num_envs, 17, device=device, generator=g) * 2 - 1
             a, lp, v, mean, std = policy.act(obs)
             done = torch.rand(num_envs, device=device, generator=g) < 0.01
-            s.add(obs, a, torch.randn(num_envs, device=device, generator=g), done, done & (v > 0), v, v, lp, mean, std)
-        s.compute_returns(torch.zeros(num_envs, device=device), 0.99, 0.95)
+            s.add(obs, a, torch.randn(num_envs, device=device, generator=g), done, done & (v > 0), obs, v, lp, mean,
+                  std)
+        s.compute_returns(torch.zeros(num_envs, device=device), policy.value(s.timed_out_obs()), 0.99, 0.95)
     return s
 
 

@@ -13,11 +13,12 @@ there is one), so a rollout never allocates and never leaves the device. After T
 Episode ends. A terminated transition (the drone crashed) has no future: the bootstrap
 is cut. A time-out (truncated at 15 s) is not a real end -- the drone could have flown
 on -- so its return is bootstrapped with the critic's value of the observation the
-episode ended in (`final_values`, computed by the trainer from the env's pre-reset
-observation), not cut to zero (Pardo et al., 2018, "Time Limits in Reinforcement
-Learning"). In both cases the GAE recursion stops there: the next stored step belongs
-to a new episode. rsl_rl approximates the final value by V(s_t) of the step before;
-using the true final observation costs one extra critic pass per step and is exact.
+episode ended in (the env's pre-reset observation, kept in `final_obs`), not cut to
+zero (Pardo et al., 2018, "Time Limits in Reinforcement Learning"). In both cases the
+GAE recursion stops there: the next stored step belongs to a new episode. rsl_rl
+approximates the final value by V(s_t) of the step before; here it is exact, and
+cheap: time-outs are rare (one step in 1500 per env), so after the rollout the trainer
+runs the critic on just those observations, `timed_out_obs()`, once.
 """
 from typing import NamedTuple
 
@@ -45,7 +46,8 @@ class RolloutStorage:
         self.rewards = z(T, N)
         self.dones = z(T, N, dtype=torch.bool)  # episode ended after this step (crash or time-out)
         self.time_outs = z(T, N, dtype=torch.bool)  # ...because of the time limit (truncation)
-        self.final_values = z(T, N)  # V(final obs); used where time_outs
+        self.final_obs = z(T, N, num_obs)  # observation an episode ended in (pre-reset); used where time_outs
+        self.final_values = z(T, N)  # its value, filled in by compute_returns where time_outs
         self.values = z(T, N)
         self.log_probs = z(T, N)
         self.mean = z(T, N, num_actions)
@@ -54,7 +56,7 @@ class RolloutStorage:
         self.returns = z(T, N)
         self.step = 0
 
-    def add(self, obs, actions, rewards, dones, time_outs, final_values, values, log_probs, mean, std):
+    def add(self, obs, actions, rewards, dones, time_outs, final_obs, values, log_probs, mean, std):
         """Write one step of all N envs in place. Each argument is [N] or [N, dim]."""
         if self.step >= self.num_steps:
             raise RuntimeError("rollout storage is full: call clear() after the update")
@@ -64,7 +66,7 @@ class RolloutStorage:
         self.rewards[t].copy_(rewards)
         self.dones[t].copy_(dones)
         self.time_outs[t].copy_(time_outs)
-        self.final_values[t].copy_(final_values)
+        self.final_obs[t].copy_(final_obs)
         self.values[t].copy_(values)
         self.log_probs[t].copy_(log_probs)
         self.mean[t].copy_(mean)
@@ -74,9 +76,15 @@ class RolloutStorage:
     def clear(self):
         self.step = 0
 
+    def timed_out_obs(self):
+        """[K, obs]: the final observations of the K episodes that timed out, in (t, n) order. The boolean
+        index reads K back to the host: one sync per rollout, none per step."""
+        return self.final_obs[self.time_outs]
+
     @torch.no_grad()
-    def compute_returns(self, last_values, gamma, lam, normalize_advantages=True, average=None):
-        """GAE(lambda) (Schulman et al., 2016, eq. 16). last_values [N]: V of the obs after the last step.
+    def compute_returns(self, last_values, timed_out_values, gamma, lam, normalize_advantages=True, average=None):
+        """GAE(lambda) (Schulman et al., 2016, eq. 16). last_values [N]: V of the obs after the last step;
+        timed_out_values [K]: V of timed_out_obs().
 
             delta_t = r_t + gamma * V_next - V(s_t)
                       V_next = V(s_{t+1}) if the episode goes on, V(final obs) after a time-out, 0 after a crash
@@ -85,6 +93,7 @@ class RolloutStorage:
 
         `average` (data-parallel training) maps a tensor to its mean over all workers, so the
         advantages are normalized with the statistics of the global batch."""
+        self.final_values.zero_().masked_scatter_(self.time_outs, timed_out_values)  # [T, N]
         gae = torch.zeros_like(last_values)  # [N]
         for t in reversed(range(self.num_steps)):
             next_values = last_values if t == self.num_steps - 1 else self.values[t + 1]

@@ -216,7 +216,7 @@ def fill_random(storage, seed=0, p_done=0.1, p_timeout=0.5):
         dones = torch.rand(N, generator=g) < p_done
         time_outs = dones & (torch.rand(N, generator=g) < p_timeout)
         storage.add(torch.randn(N, storage.obs.shape[-1], generator=g), torch.randn(N, 4, generator=g),
-                    torch.randn(N, generator=g), dones, time_outs, torch.randn(N, generator=g),
+                    torch.randn(N, generator=g), dones, time_outs, torch.randn(N, storage.obs.shape[-1], generator=g),
                     torch.randn(N, generator=g), torch.randn(N, generator=g), torch.randn(N, 4, generator=g),
                     torch.rand(N, 4, generator=g) + 0.5)
 
@@ -227,12 +227,19 @@ def test_storage_gae_matches_naive_reference():
     fill_random(s)
     assert s.dones.sum() > 3 and s.time_outs.sum() > 1 and (s.dones & ~s.time_outs).sum() > 1
     last = torch.randn(N)
-    s.compute_returns(last, gamma, lam, normalize_advantages=False)
+    # the time-outs' final observations come out in (t, n) order; their values go back to the same places
+    where = [(t, n) for t in range(T) for n in range(N) if s.time_outs[t, n]]
+    assert torch.equal(s.timed_out_obs(), torch.stack([s.final_obs[t, n] for t, n in where]))
+    timed_out_values = torch.randn(len(where))
+    final_values = [[0.0] * N for _ in range(T)]
+    for (t, n), v in zip(where, timed_out_values.tolist()):
+        final_values[t][n] = v
+    s.compute_returns(last, timed_out_values, gamma, lam, normalize_advantages=False)
     ref = torch.tensor(naive_gae(s.rewards.tolist(), s.values.tolist(), s.dones.tolist(), s.time_outs.tolist(),
-                                 s.final_values.tolist(), last.tolist(), gamma, lam))
+                                 final_values, last.tolist(), gamma, lam))
     assert torch.allclose(s.advantages, ref, atol=1e-5)
     assert torch.allclose(s.returns, ref + s.values, atol=1e-5)
-    s.compute_returns(last, gamma, lam)  # normalized over the batch
+    s.compute_returns(last, timed_out_values, gamma, lam)  # normalized over the batch
     assert abs(s.advantages.mean()) < 1e-5 and s.advantages.std(unbiased=False) == pytest.approx(1.0, abs=1e-4)
     assert torch.allclose(s.returns, ref + s.values, atol=1e-5)  # returns are not normalized
 
@@ -241,7 +248,7 @@ def test_storage_minibatches_visit_every_sample_once_per_epoch():
     T, N = 10, 12
     s = RolloutStorage(T, N, 17, 4, "cpu")
     fill_random(s)
-    s.compute_returns(torch.zeros(N), 0.99, 0.95)
+    s.compute_returns(torch.zeros(N), torch.zeros(int(s.time_outs.sum())), 0.99, 0.95)
     s.obs[..., 0] = torch.arange(T * N, dtype=torch.float32).view(T, N)  # tag each sample with its index
     seen = []
     for b in s.minibatches(num_epochs=3, num_minibatches=4):
@@ -263,8 +270,8 @@ def test_storage_minibatches_visit_every_sample_once_per_epoch():
 def test_storage_memory_report_and_overflow():
     s = RolloutStorage(100, 8192, 17, 4, "meta")  # sizes only: the meta device allocates nothing
     total = sum(s.nbytes().values())
-    # obs 17 + actions 4 + mean 4 + std 4 floats, 6 float scalars, 2 bools, per sample
-    assert total == 100 * 8192 * ((17 + 4 + 4 + 4 + 6) * 4 + 2)
+    # obs 17 + final obs 17 + actions 4 + mean 4 + std 4 floats, 6 float scalars, 2 bools, per sample
+    assert total == 100 * 8192 * ((17 + 17 + 4 + 4 + 4 + 6) * 4 + 2)
     small = RolloutStorage(2, 3, 17, 4, "cpu")
     fill_random(small)
     with pytest.raises(RuntimeError, match="full"):
@@ -332,8 +339,8 @@ def test_ppo_first_minibatch_has_ratio_one_and_kl_zero():
             obs = torch.randn(16, 17)
             a, lp, v, mean, std = policy.act(obs)
             s.add(obs, a, torch.randn(16), torch.zeros(16, dtype=torch.bool), torch.zeros(16, dtype=torch.bool),
-                  torch.zeros(16), v, lp, mean, std)
-    s.compute_returns(torch.zeros(16), 0.99, 0.95)
+                  torch.zeros(16, 17), v, lp, mean, std)
+    s.compute_returns(torch.zeros(16), torch.zeros(0), 0.99, 0.95)
     b = next(s.minibatches(1, 4))
     lp, ent, v, mean, std = policy.evaluate(b.obs, b.actions)
     assert torch.equal(torch.exp(lp - b.log_probs), torch.ones_like(lp))
@@ -350,7 +357,7 @@ def test_ppo_update_works_with_torch_adam():
     policy = ActorCritic(17, 4)
     s = RolloutStorage(4, 8, 17, 4, "cpu")
     fill_random(s)
-    s.compute_returns(torch.zeros(8), 0.99, 0.95)
+    s.compute_returns(torch.zeros(8), torch.zeros(int(s.time_outs.sum())), 0.99, 0.95)
     opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
     opt.lr = 3e-4  # duck typing: any optimizer with an lr attribute
 
@@ -429,9 +436,9 @@ def test_ppo_learns_point_masses():
             for _ in range(T):
                 a, lp, v, mean, std = policy.act(obs)
                 next_obs, r, done, time_out, final = env.step(a)
-                storage.add(obs, a, r, done, time_out, policy.value(final), v, lp, mean, std)
+                storage.add(obs, a, r, done, time_out, final, v, lp, mean, std)
                 obs = next_obs
-            storage.compute_returns(policy.value(obs), cfg.gamma, cfg.lam)
+            storage.compute_returns(policy.value(obs), policy.value(storage.timed_out_obs()), cfg.gamma, cfg.lam)
         update(policy, opt, storage.minibatches(cfg.num_epochs, cfg.num_minibatches), cfg)
         storage.clear()
     trained_return = mean_return(policy, deterministic=True)
@@ -999,8 +1006,8 @@ def dp_batches(T, N, M, seed, rank, world, average):
             a = torch.randn(N * world, 4, generator=g)
             lp, _, v, mean, std = policy.evaluate(obs, a)
             s.add(obs[cols], a[cols], torch.randn(N * world, generator=g)[cols], done[cols], done[cols],
-                  v[cols], v[cols], lp[cols], mean[cols], std[cols])
-        s.compute_returns(torch.zeros(N * world)[cols], 0.99, 0.95, average=average)
+                  obs[cols], v[cols], lp[cols], mean[cols], std[cols])
+        s.compute_returns(torch.zeros(N * world)[cols], policy.value(s.timed_out_obs()), 0.99, 0.95, average=average)
     flat = [x.flatten(0, 1) for x in (s.obs, s.actions, s.log_probs, s.values, s.advantages, s.returns, s.mean,
                                       s.std)]
     # sample (t, n) of worker r is global sample (t, r*N + n); order each minibatch by global index

@@ -368,12 +368,12 @@ def rollout(policy, env, storage, obs, episodes, cfg, average=None):
             policy.update_normalizer(obs)
             actions, log_prob, value, mean, std = policy.act(obs)
             next_obs, reward, done, info = env.step(actions)
-            # A time-out bootstraps with the value of the observation its episode ended in (storage.py).
-            final_values = policy.value(info["final_obs"])
-            storage.add(obs, actions, reward, done, info["time_outs"], final_values, value, log_prob, mean, std)
+            storage.add(obs, actions, reward, done, info["time_outs"], info["final_obs"], value, log_prob, mean, std)
             episodes.add(done, info["episode"])
             obs = next_obs
-        storage.compute_returns(policy.value(obs), cfg.ppo.gamma, cfg.ppo.lam, average=average)
+        # A time-out bootstraps with the value of the observation its episode ended in (storage.py).
+        storage.compute_returns(policy.value(obs), policy.value(storage.timed_out_obs()), cfg.ppo.gamma,
+                                cfg.ppo.lam, average=average)
     return obs
 
 
