@@ -819,7 +819,8 @@ import sys
 
 import train
 
-TINY = ["--device", "cpu", "--num-envs", "8", "--num-steps", "8", "--num-minibatches", "2", "--num-epochs", "2"]
+TINY = ["--device", "cpu", "--workers", "1", "--num-envs", "8", "--num-steps", "8", "--num-minibatches", "2",
+        "--num-epochs", "2"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -980,6 +981,37 @@ def test_nonfinite_weights_stop_training_without_saving(tmp_path, monkeypatch, c
     assert e.value.code == 1
     assert "non-finite loss or weights at iteration 1" in capsys.readouterr().err
     assert not [f for f in os.listdir(tmp_path / "nan") if f.endswith(".pt")]
+
+
+def test_train_starts_cpu_workers_and_one_sigterm_stops_them_cleanly(tmp_path):
+    """--workers 2: train.py runs two data-parallel copies of itself; a SIGTERM to it reaches both once,
+    so they finish the iteration, save it and exit 0."""
+    import signal
+    import time
+    log = open(tmp_path / "out.txt", "w+")
+    cmd = [sys.executable, "train.py", *TINY, "--workers", "2", "--threads-update", "1", "--max-iterations", "10000",
+           "--save-interval", "10000", "--log-dir", str(tmp_path), "--run-name", "two"]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=log, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "two" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline, "the workers never got going"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    log.seek(0)
+    assert "2 workers x 8 envs x 8 steps = 128 samples per iteration" in log.read()
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    last = rows[-1]["iteration"]
+    assert 3 <= last < 10000 and all(r["total_steps"] == 128 * r["iteration"] for r in rows)
+    assert [f for f in os.listdir(tmp_path / "two") if f.endswith(".pt")] == [f"ckpt_{last:04d}.pt"]
+    assert train.load_checkpoint(str(tmp_path / "two" / f"ckpt_{last:04d}.pt"))[0]["iteration"] == last
+
+
+def test_train_rejects_cpu_workers_on_cuda(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.check_config(train.TrainConfig(device="cuda", workers=2))
+    assert e.value.code == 2 and "torchrun" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- data-parallel training (train.Workers)

@@ -48,14 +48,15 @@ class TrainConfig:
     random_episode_start: bool = True  # spread the first resets over the episode (rsl_rl's init_at_random_ep_len)
     threads_rollout: int = 1  # CPU only: torch threads while the simulator steps (see cpu_threads())
     threads_update: int = 2  # CPU only: torch threads for the PPO update
+    workers: int = 1  # CPU only: data-parallel processes train.py starts, each with num_envs envs (see Workers)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 # The CPU preset: what learned fastest in wall-clock time on a 2-core machine (measured; see README).
-# Smaller rollouts (512 x 50 = 25,600 samples) give 4x more updates per simulated second than the
-# example's 1024 x 100, and a smaller initial std (0.5) lets the drones stop crashing within ~60
-# iterations instead of ~150. 700 iterations took 9 min 41 s on 2 cores.
-CPU_PRESET = dict(num_envs=512, num_steps=50, init_std=0.5, max_iterations=700)
+# Two worker processes of 1024 drones x 50 steps: the example's 102,400-sample batch, 1.6x faster than
+# one process because each simulator has a core of its own (so each update uses 1 torch thread). A
+# smaller initial std (0.5) lets the drones stop crashing within ~60 iterations instead of ~150.
+CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, init_std=0.5, max_iterations=250)
 
 
 def fail(message):
@@ -180,7 +181,9 @@ def check_config(cfg):
              f"{cfg.num_envs} envs x {cfg.num_steps} steps = {samples} samples")
     if not 0 <= cfg.ppo.gamma <= 1 or not 0 <= cfg.ppo.lam <= 1:
         fail("--gamma and --lam must be within [0, 1]")
-    if cfg.normalize_obs and Workers().world > 1:
+    if cfg.workers > 1 and cfg.device != "cpu":
+        fail("--workers is for CPU runs; on GPUs start one process per GPU with torchrun --nproc_per_node=GPUS")
+    if cfg.normalize_obs and max(cfg.workers, Workers().world) > 1:
         fail("--normalize-obs is single-process only: each worker would learn its own statistics")
 
 
@@ -486,6 +489,30 @@ def plot_tracks(track, path):
     print(f"trajectories: {path}")
 
 
+def launch_workers(cfg, argv):
+    """Start cfg.workers copies of this script as the data-parallel workers of one run on this machine (as
+    torchrun would), wait for them, exit with their status. On 2 CPU cores two workers train 1.6x faster
+    than one process: each simulator gets a core of its own. The workers run in their own session, so a
+    Ctrl-C or SIGTERM reaches them once, from here: they finish the iteration, save and stop."""
+    import socket
+    import subprocess
+    with socket.socket() as s:  # a free port for the workers to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(cfg.workers))
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--run-name", cfg.run_name]
+    procs = [subprocess.Popen(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), start_new_session=True)
+             for r in range(cfg.workers)]
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: [p.send_signal(signum) for p in procs])
+    while None in (codes := [p.poll() for p in procs]):
+        if any(codes):  # a worker failed: the others would wait for it at the next all-reduce
+            for p in procs:
+                p.kill()  # (a no-op for those already finished)
+        time.sleep(0.2)
+    sys.exit(1 if any(codes) else 0)
+
+
 def main(argv=None):
     args = parse_args(argv)
     path = args.resume or args.eval
@@ -509,6 +536,8 @@ def main(argv=None):
         fail(f"{run_dir} already holds a run: pick another --run-name, or continue it with --resume CKPT")
     if args.eval:
         return evaluate(cfg, ckpt, args)
+    if cfg.workers > 1 and Workers().world == 1:
+        launch_workers(cfg, sys.argv[1:] if argv is None else argv)
     return train(cfg, resume=ckpt)
 
 
