@@ -53,7 +53,7 @@ class TrainConfig:
 
 
 # The CPU preset: what learned fastest in wall-clock time on a 2-core machine (measured; see README).
-# Two worker processes of 1024 drones x 50 steps: the example's 102,400-sample batch, 1.6x faster than
+# Two worker processes of 1024 drones x 50 steps: the example's 102,400-sample batch, 1.3x faster than
 # one process because each simulator has a core of its own (so each update uses 1 torch thread). A
 # smaller initial std (0.5) lets the drones stop crashing within ~60 iterations instead of ~150.
 CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, init_std=0.5, max_iterations=250)
@@ -491,7 +491,7 @@ def plot_tracks(track, path):
 
 def launch_workers(cfg, argv):
     """Start cfg.workers copies of this script as the data-parallel workers of one run on this machine (as
-    torchrun would), wait for them, exit with their status. On 2 CPU cores two workers train 1.6x faster
+    torchrun would), wait for them, exit with their status. On 2 CPU cores two workers train 1.3x faster
     than one process: each simulator gets a core of its own. The workers run in their own session, so a
     Ctrl-C or SIGTERM reaches them once, from here: they finish the iteration, save and stop."""
     import socket
