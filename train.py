@@ -528,6 +528,8 @@ def main(argv=None):
     ckpt, base = load_checkpoint(path) if path else (None, None)
     if base is not None and args.device is None:
         base = dataclasses.replace(base, device="auto")  # a checkpoint made on a GPU evaluates on a laptop
+    if args.eval:
+        base = dataclasses.replace(base, workers=1)  # ...and one made by CPU workers on a GPU: one process
     cfg = build_config(args, base)
     if not cfg.run_name:  # resolved once and saved in the config, so a resume continues in the same directory
         cfg = dataclasses.replace(cfg, run_name=time.strftime("%Y-%m-%d_%H-%M-%S"))
