@@ -25,6 +25,30 @@ import torch.nn as nn
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
+class _TanhViaSigmoid(torch.autograd.Function):
+    """tanh(x) = 2 sigmoid(2x) - 1, with tanh's own backward, grad * (1 - y^2), from the saved output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sigmoid(x * 2).mul_(2).sub_(1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+class Tanh(nn.Module):
+    """nn.Tanh, faster on CPU. There torch.tanh is 7x slower than torch.sigmoid (4.9 vs 0.7 ms on a
+    12,800 x 128 tensor, 1 thread: 27 % of a PPO update), so it is computed through the sigmoid (at most
+    2e-7 from torch.tanh, and 40 % less time forward and backward). On a GPU, torch.tanh is used."""
+
+    def forward(self, x):
+        return _TanhViaSigmoid.apply(x) if x.device.type == "cpu" else torch.tanh(x)
+
+
 def mlp(sizes, activation):
     layers = []
     for i in range(len(sizes) - 1):
@@ -64,7 +88,7 @@ class ActorCritic(nn.Module):
     def __init__(self, num_obs, num_actions, hidden=(128, 128), activation="tanh", init_std=1.0,
                  normalize_obs=False):
         super().__init__()
-        act = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}[activation]
+        act = {"tanh": Tanh, "elu": nn.ELU, "relu": nn.ReLU}[activation]
         self.actor = mlp([num_obs, *hidden, num_actions], act)
         self.critic = mlp([num_obs, *hidden, 1], act)
         self.std = nn.Parameter(init_std * torch.ones(num_actions))

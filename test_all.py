@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from adam import Adam
-from policy import ActorCritic, describe, gaussian_log_prob, memory_table, parameter_breakdown
+from policy import ActorCritic, Tanh, describe, gaussian_log_prob, memory_table, parameter_breakdown
 from ppo import PPOConfig, adapt_lr, gaussian_kl, ppo_loss, update
 from storage import RolloutStorage
 
@@ -149,6 +149,18 @@ def test_policy_memory_table_from_real_tensors():
     assert rows["total"] == 4 * 38_281 * 4  # 612.5 KB
     assert "153.1 KB" in text and "612.5 KB" in text
     assert "38,277 weights" in describe(policy, opt)
+
+
+def test_policy_tanh_matches_torch_tanh_in_value_and_gradient():
+    x = (torch.randn(4096, 64) * 4).requires_grad_()
+    y = Tanh()(x)
+    ref = torch.tanh(x.detach())
+    assert (y - ref).abs().max() < 5e-7
+    g = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, g)
+    assert (grad - g * (1 - ref ** 2)).abs().max() < 5e-6  # |g| up to ~4, y within 5e-7
+    x64 = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(Tanh(), (x64,))
 
 
 def test_policy_act_and_evaluate_agree():
