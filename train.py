@@ -224,7 +224,7 @@ def make_policy(cfg, device):
 def cpu_threads(cfg, phase):
     """On CPU, torch's thread count is set per phase (measured on 2 cores, README). The simulator runs its
     kernels on one thread, and between its calls torch only runs small ops: 1 thread is fastest there.
-    The update is all torch and uses both cores."""
+    The update is all torch and uses both cores, or one core per worker when two workers share them."""
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads_rollout if phase == "rollout" else cfg.threads_update)
 
