@@ -70,13 +70,20 @@ class RunningNorm(nn.Module):
         self.eps = eps
 
     @torch.no_grad()
-    def update(self, obs):  # obs [B, obs]
-        batch_mean = obs.mean(0)
-        batch_var = obs.var(0, unbiased=False)
-        n = obs.shape[0]
-        total = self.count + n
+    def update(self, obs, all_sum=None):
+        """Merge the moments of obs [B, obs] into the running ones. With data-parallel workers, all_sum(t)
+        sums t over them in place: every worker then merges the same global batch and the statistics stay
+        identical everywhere. Sums in float64: x^2 of a quaternion's w (about 1) must not swamp its variance."""
+        x = obs.double()
+        moments = torch.cat((x.new_tensor([x.shape[0]]), x.sum(0), x.square().sum(0)))  # [1 + 2 obs]
+        if all_sum is not None:
+            all_sum(moments)
+        d = x.shape[1]
+        n, batch_mean = moments[0], moments[1:1 + d] / moments[0]
+        batch_var = (moments[1 + d:] / n - batch_mean ** 2).clamp_(min=0)
+        total = self.count.double() + n
         delta = batch_mean - self.mean
-        self.mean += delta * (n / total)
+        self.mean += (delta * (n / total)).float()
         self.var.copy_((self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total)
         self.count.copy_(total)
 
@@ -95,9 +102,9 @@ class ActorCritic(nn.Module):
         # Off by default, as in the Genesis hover example: its observations are already scaled to about [-1, 1].
         self.obs_norm = RunningNorm(num_obs) if normalize_obs else nn.Identity()
 
-    def update_normalizer(self, obs):  # obs [N, obs]; called by the rollout, a no-op when normalization is off
+    def update_normalizer(self, obs, all_sum=None):  # obs [B, obs]; a no-op when normalization is off
         if isinstance(self.obs_norm, RunningNorm):
-            self.obs_norm.update(obs)
+            self.obs_norm.update(obs, all_sum)
 
     def value(self, obs):  # obs [B, obs] -> [B]
         return self.critic(self.obs_norm(obs)).squeeze(-1)

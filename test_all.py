@@ -201,6 +201,23 @@ def test_policy_observation_normalizer_lives_in_the_module():
     assert sum(p.numel() for p in policy.parameters()) == 38_281  # statistics are buffers, not weights
 
 
+def test_normalizer_merges_the_moments_of_all_workers():
+    """Worker a sums its moments with worker b's (all_sum): it ends with the statistics of both halves."""
+    from policy import RunningNorm
+    torch.manual_seed(0)
+    data = torch.randn(3000, 17) * 4 + 2
+    data[:, 3] = 1 + 1e-3 * torch.randn(3000)  # like a quaternion's w: a variance 1e-6 of a mean 1
+    a, b = data[:1000], data[1000:]
+    sent = {}
+    RunningNorm(17).update(b, lambda t: sent.setdefault("b", t.clone()))  # what worker b contributes
+    norm = RunningNorm(17)
+    norm.update(a[:500])  # an earlier iteration, single worker
+    norm.update(a[500:], lambda t: t.add_(sent["b"]))
+    assert norm.count.item() == 3000
+    assert torch.allclose(norm.mean, data.mean(0), atol=1e-5)
+    assert torch.allclose(norm.var, data.var(0, unbiased=False), rtol=1e-3)
+
+
 # ---------------------------------------------------------------- storage.py
 
 def naive_gae(rewards, values, dones, time_outs, final_values, last_values, gamma, lam):
@@ -1002,7 +1019,7 @@ def test_train_starts_cpu_workers_and_one_sigterm_stops_them_cleanly(tmp_path):
     import time
     log = open(tmp_path / "out.txt", "w+")
     cmd = [sys.executable, "train.py", *TINY, "--workers", "2", "--threads-update", "1", "--max-iterations", "10000",
-           "--save-interval", "10000", "--log-dir", str(tmp_path), "--run-name", "two"]
+           "--save-interval", "10000", "--normalize-obs", "true", "--log-dir", str(tmp_path), "--run-name", "two"]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=log, stderr=subprocess.STDOUT)
     metrics = tmp_path / "two" / "metrics.jsonl"
     deadline = time.time() + 600
@@ -1017,7 +1034,9 @@ def test_train_starts_cpu_workers_and_one_sigterm_stops_them_cleanly(tmp_path):
     last = rows[-1]["iteration"]
     assert 3 <= last < 10000 and all(r["total_steps"] == 128 * r["iteration"] for r in rows)
     assert [f for f in os.listdir(tmp_path / "two") if f.endswith(".pt")] == [f"ckpt_{last:04d}.pt"]
-    assert train.load_checkpoint(str(tmp_path / "two" / f"ckpt_{last:04d}.pt"))[0]["iteration"] == last
+    ckpt = train.load_checkpoint(str(tmp_path / "two" / f"ckpt_{last:04d}.pt"))[0]
+    assert ckpt["iteration"] == last
+    assert ckpt["policy"]["obs_norm.count"].item() == 128 * last  # the normalizer saw both workers' samples
 
 
 def test_train_rejects_cpu_workers_on_cuda(capsys):

@@ -183,8 +183,6 @@ def check_config(cfg):
         fail("--gamma and --lam must be within [0, 1]")
     if cfg.workers > 1 and cfg.device != "cpu":
         fail("--workers is for CPU runs; on GPUs start one process per GPU with torchrun --nproc_per_node=GPUS")
-    if cfg.normalize_obs and max(cfg.workers, Workers().world) > 1:
-        fail("--normalize-obs is single-process only: each worker would learn its own statistics")
 
 
 def config_from_dict(d):
@@ -332,6 +330,9 @@ def train(cfg, resume=None):
             cpu_threads(cfg, "update")
             losses = update(policy, optimizer, storage.minibatches(cfg.ppo.num_epochs, cfg.ppo.num_minibatches),
                             cfg.ppo, average)
+            # The normalizer (if on) learns this rollout's observations only now, so that the rollout and the
+            # update it fed used the same normalization; every worker merges the moments of all workers.
+            policy.update_normalizer(storage.obs.flatten(0, 1), workers.sum)
             # The iteration's one host sync: losses, episode sums of all workers, health, a stop request anywhere.
             health = torch.stack([torch.isfinite(optimizer.theta).all() & torch.isfinite(losses["loss"]),
                                   torch.tensor(stop.requested, device=device)]).float()
@@ -368,7 +369,6 @@ def rollout(policy, env, storage, obs, episodes, cfg, average=None):
     storage.clear()
     with torch.no_grad():
         for _ in range(cfg.num_steps):
-            policy.update_normalizer(obs)
             actions, log_prob, value, mean, std = policy.act(obs)
             next_obs, reward, done, info = env.step(actions)
             storage.add(obs, actions, reward, done, info["time_outs"], info["final_obs"], value, log_prob, mean, std)
