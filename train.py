@@ -325,14 +325,11 @@ def train(cfg, resume=None):
         for it in range(start, cfg.max_iterations):
             t0 = time.time()
             cpu_threads(cfg, "rollout")
-            obs = rollout(policy, env, storage, obs, episodes, cfg, average)
+            obs = rollout(policy, env, storage, obs, episodes, cfg, average, workers.sum)
             t1 = time.time()
             cpu_threads(cfg, "update")
             losses = update(policy, optimizer, storage.minibatches(cfg.ppo.num_epochs, cfg.ppo.num_minibatches),
                             cfg.ppo, average)
-            # The normalizer (if on) learns this rollout's observations only now, so that the rollout and the
-            # update it fed used the same normalization; every worker merges the moments of all workers.
-            policy.update_normalizer(storage.obs.flatten(0, 1), workers.sum)
             # The iteration's one host sync: losses, episode sums of all workers, health, a stop request anywhere.
             health = torch.stack([torch.isfinite(optimizer.theta).all() & torch.isfinite(losses["loss"]),
                                   torch.tensor(stop.requested, device=device)]).float()
@@ -364,11 +361,15 @@ def train(cfg, resume=None):
     return run_dir
 
 
-def rollout(policy, env, storage, obs, episodes, cfg, average=None):
-    """num_steps steps of all envs into storage, then GAE. obs [N, 17] in, the last obs out."""
+def rollout(policy, env, storage, obs, episodes, cfg, average=None, all_sum=None):
+    """num_steps steps of all envs into storage, then GAE. obs [N, 17] in, the last obs out.
+    average / all_sum: in-place mean / sum over data-parallel workers (None: one process)."""
     storage.clear()
     with torch.no_grad():
         for _ in range(cfg.num_steps):
+            # The normalizer (if on) learns every step, as rsl_rl's does, so that it is in use from the first
+            # rollout on; each worker merges all workers' moments, so the statistics stay identical everywhere.
+            policy.update_normalizer(obs, all_sum)
             actions, log_prob, value, mean, std = policy.act(obs)
             next_obs, reward, done, info = env.step(actions)
             storage.add(obs, actions, reward, done, info["time_outs"], info["final_obs"], value, log_prob, mean, std)
