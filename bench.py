@@ -11,6 +11,7 @@ Sections (each a ratio to a reference measured in the same run):
     update    one PPO update (epochs x minibatches) vs the same arithmetic in plain torch (its floor)
     adam      this Adam vs torch.optim.Adam (foreach, fused), one step on the default network
     train     iterations of train.py's loop, vs the floor physics + plain-torch update
+    workers   CPU: `train.py --workers 2` on the same batch (N/2 envs each), vs the same floor
 Run it on an idle machine: a second busy process makes such figures meaningless.
 """
 import argparse
@@ -18,6 +19,9 @@ import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: idle torch threads sleep
@@ -185,6 +189,24 @@ def bench_train(env, num_steps, iterations=3):
     return {"iteration_s": t, "train_steps_per_s": env.num_envs * num_steps / t}
 
 
+def bench_workers(num_envs, num_steps, iterations, workers=2):
+    """`python train.py --workers 2` itself on the same num_envs x num_steps batch, split over the processes.
+
+    Genesis steps a scene on one thread, so one process leaves a core idle while it simulates; two workers
+    each simulate half the drones on a core of their own and average gradients. Timed from the run's own
+    metrics (elapsed time between iterations), after two warm-up iterations."""
+    with tempfile.TemporaryDirectory() as log_dir:
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+               "--device", "cpu", "--workers", str(workers), "--num-envs", str(num_envs // workers),
+               "--num-steps", str(num_steps), "--threads-update", "1", "--max-iterations", str(iterations + 2),
+               "--save-interval", str(10 ** 9), "--log-dir", log_dir, "--run-name", "bench"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(log_dir, "bench", "metrics.jsonl")) as f:
+            elapsed = [json.loads(line)["elapsed_s"] for line in f]
+    t = statistics.median(b - a for a, b in zip(elapsed[1:], elapsed[2:]))
+    return {"workers": workers, "workers_iteration_s": t, "workers_steps_per_s": num_envs * num_steps / t}
+
+
 def peak_memory(device):
     out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.device(device).type == "cuda":
@@ -245,6 +267,16 @@ def main(argv=None):
                 line += f"   floor (physics + plain-torch update) {r['floor_iteration_s']:.3f} s   " \
                         f"ratio {r['train_ratio_to_floor']:.2f}"
             print(line)
+        if "workers" in args.sections and args.device == "cpu":
+            del env  # the workers build their own scenes
+            env = None
+            r.update(bench_workers(n, args.num_steps, args.iterations))
+            line = f"  train.py --workers {r['workers']}   {r['workers_iteration_s']:.3f} s  " \
+                   f"({r['workers_steps_per_s']:,.0f} env-steps/s, {n // r['workers']} envs each)"
+            if "floor_iteration_s" in r:
+                r["workers_ratio_to_floor"] = r["workers_iteration_s"] / r["floor_iteration_s"]
+                line += f"   ratio to the one-process floor {r['workers_ratio_to_floor']:.2f}"
+            print(line)
         del env
     results["memory"] = peak_memory(args.device)
     print("  ".join(f"{k} {v:,.0f}" for k, v in results["memory"].items()))
@@ -254,7 +286,7 @@ def main(argv=None):
     return results
 
 
-SECTIONS = ("physics", "env", "rollout", "update", "adam", "train")
+SECTIONS = ("physics", "env", "rollout", "update", "adam", "train", "workers")
 
 if __name__ == "__main__":
     main()

@@ -1125,8 +1125,10 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
                           "--out", out])
     r = results["sizes"][16]
     for key in ("physics_steps_per_s", "env_steps_per_s", "rollout_steps_per_s", "update_s", "floor_s",
-                "train_steps_per_s", "update_ratio_to_floor", "train_ratio_to_floor"):
+                "train_steps_per_s", "update_ratio_to_floor", "train_ratio_to_floor", "workers_steps_per_s",
+                "workers_ratio_to_floor"):
         assert r[key] > 0, key
+    assert r["workers"] == 2
     assert set(results["adam"]) == {"this Adam (flat buffers)", "torch Adam foreach", "torch Adam fused",
                                     "torch Adam for-loop"}
     with open(out) as f:
