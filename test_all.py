@@ -961,21 +961,29 @@ def test_train_refuses_to_overwrite_a_run(smoke_run, capsys):
 def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
     ckpt_path = os.path.join(smoke_run, "ckpt_0002.pt")
     saved, _ = train.load_checkpoint(ckpt_path)
-    seen = []
-    real_update = train.update
+    seen, rolled = [], []
+    real_update, real_rollout = train.update, train.rollout
 
     def spy(policy, optimizer, batches, cfg, average):
         if not seen:  # the optimizer as the first update of the resumed run finds it
             seen.append((optimizer.m.clone(), optimizer.v.clone(), optimizer.t, float(optimizer.lr),
-                         {k: v.clone() for k, v in policy.state_dict().items()}))
+                         {k: v.clone() for k, v in policy.named_parameters()}))
         return real_update(policy, optimizer, batches, cfg, average)
 
+    def rollout_spy(policy, *args):
+        if not rolled:  # the policy as the first rollout finds it, the observation normalizer's statistics included
+            rolled.append({k: v.clone() for k, v in policy.state_dict().items()})
+        return real_rollout(policy, *args)
+
     monkeypatch.setattr(train, "update", spy)
+    monkeypatch.setattr(train, "rollout", rollout_spy)
     train.main(["--resume", ckpt_path, "--max-iterations", "3"])
     m, v, t, lr, weights = seen[0]
     assert torch.equal(m, saved["optimizer"]["m"]) and torch.equal(v, saved["optimizer"]["v"])
     assert t == saved["optimizer"]["t"] and lr == float(saved["optimizer"]["lr"])
     assert all(torch.equal(weights[k], saved["policy"][k]) for k in weights)
+    assert rolled[0].keys() == saved["policy"].keys()
+    assert all(torch.equal(rolled[0][k], saved["policy"][k]) for k in rolled[0])
     with open(os.path.join(smoke_run, "metrics.jsonl")) as f:
         assert [json.loads(line)["iteration"] for line in f] == [1, 2, 3]  # the counter went on
     assert train.load_checkpoint(os.path.join(smoke_run, "ckpt_0003.pt"))[0]["iteration"] == 3
