@@ -199,6 +199,7 @@ def bench_workers(num_envs, num_steps, iterations, workers=2):
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
                "--device", "cpu", "--workers", str(workers), "--num-envs", str(num_envs // workers),
                "--num-steps", str(num_steps), "--threads-update", "1", "--max-iterations", str(iterations + 2),
+               "--normalize-obs", "false",  # as in the one-process rows (the CPU preset would turn it on)
                "--save-interval", str(10 ** 9), "--log-dir", log_dir, "--run-name", "bench"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         with open(os.path.join(log_dir, "bench", "metrics.jsonl")) as f:
