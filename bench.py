@@ -269,8 +269,7 @@ def main(argv=None):
                         f"ratio {r['train_ratio_to_floor']:.2f}"
             print(line)
         if "workers" in args.sections and args.device == "cpu":
-            del env  # the workers build their own scenes
-            env = None
+            env = None  # release this scene: the workers build their own
             r.update(bench_workers(n, args.num_steps, args.iterations))
             line = f"  train.py --workers {r['workers']}   {r['workers_iteration_s']:.3f} s  " \
                    f"({r['workers_steps_per_s']:,.0f} env-steps/s, {n // r['workers']} envs each)"

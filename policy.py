@@ -78,8 +78,8 @@ class RunningNorm(nn.Module):
         moments = torch.cat((x.new_tensor([x.shape[0]]), x.sum(0), x.square().sum(0)))  # [1 + 2 obs]
         if all_sum is not None:
             all_sum(moments)
-        d = x.shape[1]
-        n, batch_mean = moments[0], moments[1:1 + d] / moments[0]
+        d, n = x.shape[1], moments[0]
+        batch_mean = moments[1:1 + d] / n
         batch_var = (moments[1 + d:] / n - batch_mean ** 2).clamp_(min=0)
         total = self.count.double() + n
         delta = batch_mean - self.mean
