@@ -53,7 +53,7 @@ class TrainConfig:
 
 
 # The CPU preset: what learned fastest in wall-clock time on a 2-core machine (measured; see README).
-# Two worker processes of 1024 drones x 50 steps: the example's 102,400-sample batch, 1.3x faster than
+# Two worker processes of 1024 drones x 50 steps: the example's 102,400-sample batch, 1.24x faster than
 # one process because each simulator has a core of its own (so each update uses 1 torch thread). The
 # observation normalizer lets the policy correct the last centimetres to a target (without it, some runs
 # park just outside the 0.1 m that counts), and a smaller initial std (0.3) keeps its flying careful.
@@ -494,7 +494,7 @@ def plot_tracks(track, path):
 
 def launch_workers(cfg, argv):
     """Start cfg.workers copies of this script as the data-parallel workers of one run on this machine (as
-    torchrun would), wait for them, exit with their status. On 2 CPU cores two workers train 1.3x faster
+    torchrun would), wait for them, exit with their status. On 2 CPU cores two workers train 1.24x faster
     than one process: each simulator gets a core of its own. The workers run in their own session, so a
     Ctrl-C or SIGTERM reaches them once, from here: they finish the iteration, save and stop."""
     import socket
