@@ -38,7 +38,9 @@ class Adam:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("Adam got no parameters that require grad")
-        self.lr = lr  # a float, or a 0-dim tensor on the device (a schedule can change it without a host sync)
+        # torch.optim's layout, so that an lr schedule written for torch optimizers (ppo.py's) sets it here too.
+        # The lr is a float, or a 0-dim tensor on the device that a schedule changes without a host sync.
+        self.param_groups = [{"params": self.params, "lr": lr}]
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.weight_decay = weight_decay  # L2 penalty added to g, as torch.optim.Adam (not AdamW)
@@ -65,14 +67,6 @@ class Adam:
         # Zero in place; never set .grad to None (that would detach it from g).
         self.g.zero_()
 
-    def clip_grad_norm_(self, max_norm):
-        """Scale g so that its global L2 norm is at most max_norm; return the norm before clipping.
-
-        Same formula as torch.nn.utils.clip_grad_norm_, on one flat vector, with no host sync."""
-        norm = torch.linalg.vector_norm(self.g)
-        self.g.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        return norm
-
     @torch.no_grad()
     def step(self):
         if self.params[0].grad is None or self.params[0].grad.data_ptr() != self.g.data_ptr():
@@ -90,16 +84,16 @@ class Adam:
         # theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
         #        = theta - m / ((sqrt(v) / sqrt(bias2) + eps) * bias1 / lr)
         denom = (self.v.sqrt() / math.sqrt(bias2)).add_(self.eps)  # sqrt(v_hat) + eps
-        denom.div_(self.lr / bias1)  # lr may be a float or a 0-dim tensor: no sync either way
+        denom.div_(self.param_groups[0]["lr"] / bias1)  # a float or a 0-dim tensor: no sync either way
         self.theta.addcdiv_(self.m, denom, value=-1.0)  # in place: the policy sees the new theta
 
     def nbytes(self):
-        """Bytes of each flat buffer, read from the real tensors."""
-        return {name: t.numel() * t.element_size()
-                for name, t in (("theta", self.theta), ("g", self.g), ("m", self.m), ("v", self.v))}
+        """Bytes of each flat buffer, read from the real tensors: the learner's whole memory."""
+        return {name: t.numel() * t.element_size() for name, t in (("weights (theta)", self.theta),
+                ("gradients (g)", self.g), ("Adam m", self.m), ("Adam v", self.v))}
 
     def state_dict(self):
-        return {"lr": self.lr, "betas": (self.beta1, self.beta2), "eps": self.eps,
+        return {"lr": self.param_groups[0]["lr"], "betas": (self.beta1, self.beta2), "eps": self.eps,
                 "weight_decay": self.weight_decay, "t": self.t,
                 "m": self.m.clone(), "v": self.v.clone()}
 
@@ -111,7 +105,7 @@ class Adam:
         self.v.copy_(state["v"])
         self.t = int(state["t"])
         lr = state["lr"]
-        self.lr = lr.to(self.theta.device) if torch.is_tensor(lr) else lr
+        self.param_groups[0]["lr"] = lr.to(self.theta.device) if torch.is_tensor(lr) else lr
         self.beta1, self.beta2 = state["betas"]
         self.eps = state["eps"]
         self.weight_decay = state["weight_decay"]

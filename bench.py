@@ -31,6 +31,7 @@ from adam import Adam  # noqa: E402
 from policy import ActorCritic  # noqa: E402
 from ppo import PPOConfig, ppo_loss, update  # noqa: E402
 from storage import RolloutStorage  # noqa: E402
+from workers import Workers  # noqa: E402
 
 
 def sync(device):
@@ -59,10 +60,11 @@ def filled_storage(num_envs, num_steps, device, policy):
     with torch.no_grad():
         for _ in range(num_steps):
             obs = torch.rand(num_envs, 17, device=device, generator=g) * 2 - 1
-            a, lp, v, mean, std = policy.act(obs)
+            act = policy.act(obs)
             done = torch.rand(num_envs, device=device, generator=g) < 0.01
-            s.add(obs, a, torch.randn(num_envs, device=device, generator=g), done, done & (v > 0), obs, v, lp, mean,
-                  std)
+            s.add(obs=obs, actions=act.actions, rewards=torch.randn(num_envs, device=device, generator=g), dones=done,
+                  time_outs=done & (act.value > 0), final_obs=obs, values=act.value, log_probs=act.log_prob,
+                  mean=act.mean, std=act.std)
         s.compute_returns(torch.zeros(num_envs, device=device), policy.value(s.timed_out_obs()), 0.99, 0.95)
     return s
 
@@ -89,9 +91,9 @@ def plain_torch_update(policy, optimizer, batches, cfg):
     """The floor: the same forward/backward/Adam arithmetic on the same minibatch sizes, nothing else
     (contiguous minibatches without a gather, no KL, no lr schedule, torch's fused Adam)."""
     for b in batches:
-        log_prob, entropy, value, _, _ = policy.evaluate(b.obs, b.actions)
-        loss = ppo_loss(log_prob, b.log_probs, b.advantages, value, b.values, b.returns, entropy,
-                        cfg.clip, cfg.value_coef, cfg.entropy_coef, cfg.clip_value_loss)[0]
+        out = policy.evaluate(b.obs, b.actions)
+        loss = ppo_loss(out.log_prob, b.log_probs, b.advantages, out.value, b.values, b.returns, out.entropy,
+                        cfg.clip, cfg.value_coef, cfg.entropy_coef, cfg.clip_value_loss).total
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -103,7 +105,7 @@ def bench_update(num_envs, num_steps, device, reps=3):
     samples = num_envs * num_steps
     policy = ActorCritic(17, 4).to(device)
     storage = filled_storage(num_envs, num_steps, device, policy)
-    ours = Adam(policy.parameters(), lr=cfg.learning_rate)
+    ours = Adam(policy.parameters(), lr=torch.tensor(cfg.learning_rate, device=device))
     t_ours = timed(lambda: update(policy, ours, storage.minibatches(cfg.num_epochs, cfg.num_minibatches), cfg)
                    ["loss"].item(), reps, device, warmup=1)
 
@@ -158,10 +160,11 @@ def bench_physics_and_env(env, steps, rounds=3):
 def loop_state(env, num_steps):
     """What train.py's loop holds for one env: its config, a fresh policy and Adam, storage, episode sums, obs."""
     import train
+    from env import EpisodeStats
     cfg = train.TrainConfig(num_envs=env.num_envs, num_steps=num_steps, device=str(env.device))
     policy = ActorCritic(17, 4).to(env.device)
-    state = {"obs": env.reset(), "episodes": train.EpisodeStats(env.device)}
-    return train, cfg, policy, Adam(policy.parameters(), lr=cfg.ppo.learning_rate), \
+    state = {"obs": env.reset(), "episodes": EpisodeStats(env.device)}
+    return train, cfg, policy, Adam(policy.parameters(), lr=torch.tensor(cfg.ppo.learning_rate, device=env.device)), \
         RolloutStorage(num_steps, env.num_envs, 17, 4, env.device), state
 
 
@@ -170,7 +173,7 @@ def bench_rollout(env, num_steps, reps=3):
     train, cfg, policy, _, storage, state = loop_state(env, num_steps)
 
     def run():
-        state["obs"] = train.rollout(policy, env, storage, state["obs"], state["episodes"], cfg)
+        state["obs"] = train.rollout(policy, env, storage, state["obs"], state["episodes"], cfg, Workers())
     t = timed(run, reps, env.device, warmup=1)
     return {"rollout_s": t, "rollout_steps_per_s": env.num_envs * num_steps / t}
 
@@ -181,9 +184,10 @@ def bench_train(env, num_steps, iterations=3):
 
     def iteration():
         train.cpu_threads(cfg, "rollout")
-        state["obs"] = train.rollout(policy, env, storage, state["obs"], state["episodes"], cfg)
+        state["obs"] = train.rollout(policy, env, storage, state["obs"], state["episodes"], cfg, Workers())
         train.cpu_threads(cfg, "update")
-        losses = update(policy, optimizer, storage.minibatches(cfg.ppo.num_epochs, cfg.ppo.num_minibatches), cfg.ppo)
+        losses = update(policy, optimizer, storage.minibatches(cfg.ppo.num_epochs, cfg.ppo.num_minibatches), cfg.ppo,
+                        Workers().average)
         losses["loss"].item()
     t = timed(iteration, iterations, env.device, warmup=1)
     return {"iteration_s": t, "train_steps_per_s": env.num_envs * num_steps / t}

@@ -41,23 +41,19 @@ class HoverConfig:
     obs_rel_pos_scale: float = 1 / 3.0
     obs_lin_vel_scale: float = 1 / 3.0
     obs_ang_vel_scale: float = 1 / 3.14159
-    # Reward weights; each term is also multiplied by dt. Terms: target = |p_prev - t|^2 - |p - t|^2 (progress toward
-    # the target), smooth = |a - a_prev|^2, yaw = exp(yaw_lambda * |yaw|) with yaw in radians,
-    # angular = |omega_body| / 3.14159, crash = 1 on the step the drone crashes.
-    reward_target: float = 10.0
-    reward_smooth: float = -1e-4
-    reward_yaw: float = 0.01
-    reward_angular: float = -2e-4
-    reward_crash: float = -10.0
+    # Reward weights, one per term of `step` (each term is also multiplied by dt, as in the example).
+    reward_target: float = 10.0  # progress toward the target: |p_prev - target|^2 - |p - target|^2 [m^2]
+    reward_smooth: float = -1e-4  # change of action: |a - a_prev|^2
+    reward_yaw: float = 0.01  # heading held: exp(yaw_lambda * |yaw|), yaw in radians
     yaw_lambda: float = -10.0
+    reward_angular: float = -2e-4 / 3.14159  # spin: |body angular velocity| [rad/s] (the example's -2e-4 per pi rad/s)
+    reward_crash: float = -10.0  # 1 on the step the drone crashes
     random_episode_start: bool = False  # reset() draws episode counters in [0, 1500) so time-outs spread out
     # Viewer / recording camera (only used when show_viewer or record_camera).
     camera_pos: tuple = (3.5, 0.0, 2.5)
     camera_lookat: tuple = (0.0, 0.0, 0.5)
     camera_fov: float = 30.0
 
-
-REWARD_TERMS = ("target", "smooth", "yaw", "angular", "crash")
 
 _genesis_device = None  # Genesis can be initialised once per process; every HoverEnv must use its backend.
 
@@ -72,7 +68,8 @@ def _init_genesis(device: torch.device) -> torch.device:
                 torch.cuda.set_device(device.index)  # Genesis runs on the current CUDA device
             # No `seed=` here: gs.init would reseed the global torch/numpy/random RNGs under the trainer's feet.
             backend = gs.cpu if device.type == "cpu" else gs.gpu
-            gs.init(backend=backend, precision="32", logging_level="warning", performance_mode=True)
+            # "error": the kernel compiler's and the asset loader's warnings do not concern this task.
+            gs.init(backend=backend, precision="32", logging_level="error", performance_mode=True)
         _genesis_device = gs.device
     if device.type != _genesis_device.type or device.index not in (None, _genesis_device.index):
         raise RuntimeError(f"Genesis is already initialised on '{_genesis_device}' in this process; "
@@ -128,16 +125,14 @@ class HoverEnv:
                                             fov=cfg.camera_fov, GUI=False) if record_camera else None
         self.scene.build(n_envs=num_envs)
 
-        N, dev, f32 = num_envs, self.device, torch.float32
+        N, dev = num_envs, self.device
         self._init_qpos = torch.tensor((*cfg.init_pos, *cfg.init_quat), device=dev).expand(N, 7).contiguous()
         self._target_low = torch.tensor(cfg.target_low, device=dev)  # [3]
         self._target_span = torch.tensor(cfg.target_high, device=dev) - self._target_low  # [3]
         self._crash_rel_pos = torch.tensor(cfg.crash_rel_pos, device=dev)  # [3]
         self._obs_scale = torch.tensor([cfg.obs_rel_pos_scale] * 3 + [1.0] * 4 + [cfg.obs_lin_vel_scale] * 3
                                        + [cfg.obs_ang_vel_scale] * 3 + [1.0] * 4, device=dev)  # [17]
-        w = (cfg.reward_target, cfg.reward_smooth, cfg.reward_yaw, cfg.reward_angular / 3.14159, cfg.reward_crash)
-        self._stats_scale = torch.tensor([cfg.dt * x for x in w] + [1.0, 1.0], device=dev)  # [7], 1/pi folded in
-        self._ones = torch.ones(N, device=dev)
+        self._ones = torch.ones(N, 1, device=dev)
         # Observation of the start state with the target slot still to fill: level, at rest, no previous action.
         self._start_obs = torch.zeros(self.num_obs, device=dev)
         self._start_obs[3:7] = torch.tensor(cfg.init_quat, device=dev)
@@ -146,7 +141,7 @@ class HoverEnv:
         self.target_pos = torch.zeros(N, 3, device=dev)  # [N, 3] current targets
         self.last_actions = torch.zeros(N, 4, device=dev)  # [N, 4] actions applied at the previous step
         self.episode_length = torch.zeros(N, dtype=torch.int32, device=dev)  # [N] steps into the episode
-        self._sums = torch.zeros(N, 7, dtype=f32, device=dev)  # [N, 7] running per-episode sums, see step
+        self._sums = torch.zeros((), device=dev)  # running per-episode sums, [N, terms + 2] after a step
 
     # ------------------------------------------------------------------------------------------------------------
     def _draw_targets(self) -> torch.Tensor:
@@ -172,7 +167,7 @@ class HoverEnv:
         self.base_pos = self._init_qpos[:, :3].clone()
         self.target_pos = self._draw_targets()
         self.last_actions.zero_()
-        self._sums.zero_()
+        self._sums = torch.zeros((), device=dev)
         self.episode_length.zero_()
         if self.cfg.random_episode_start if random_episode_start is None else random_episode_start:
             self.episode_length = torch.randint(0, self.max_episode_length, (N,), dtype=torch.int32, device=dev,
@@ -231,25 +226,27 @@ class HoverEnv:
         crashed &= finite
         # The example also ends episodes on |roll| or |pitch| > 180 deg; Euler angles never exceed that: left out.
         at_target = (dist2 < cfg.at_target_dist ** 2) & finite  # [N]
-        # This step's 5 reward terms, then its step count (1) and targets reached, as one [N, 7] row per env.
-        step_stats = torch.stack((prev_rel_pos.square().sum(1) - dist2,
-                                  (a - self.last_actions).square().sum(1),
-                                  torch.exp(cfg.yaw_lambda * quat_yaw(quat).abs()),
-                                  ang_vel_b.square().sum(1).sqrt(),
-                                  crashed.float(), self._ones, at_target.float()), dim=1).mul_(self._stats_scale)
-        terms = step_stats[:, :5]  # [N, 5]
-        terms.masked_fill_(nonfinite[:, None], 0.0)
-        reward = terms.sum(1)  # [N]
+        dt = cfg.dt
+        terms = {  # [N] each: this step's reward terms, weighted (HoverConfig) and scaled by dt
+            "target": dt * cfg.reward_target * (prev_rel_pos.square().sum(1) - dist2),
+            "smooth": dt * cfg.reward_smooth * (a - self.last_actions).square().sum(1),
+            "yaw": dt * cfg.reward_yaw * torch.exp(cfg.yaw_lambda * quat_yaw(quat).abs()),
+            "angular": dt * cfg.reward_angular * ang_vel_b.square().sum(1).sqrt(),
+            "crash": dt * cfg.reward_crash * crashed.float(),
+        }
+        weighted = torch.stack(tuple(terms.values()), 1).masked_fill_(nonfinite[:, None], 0.0)  # [N, terms]
+        reward = weighted.sum(1)  # [N]
 
         terminated = crashed | nonfinite  # no bootstrapping past these
         time_outs = (self.episode_length >= self.max_episode_length) & ~terminated
         done = terminated | time_outs
 
-        # Per-episode sums; finished rows are handed out as they are and restart from zero in a fresh tensor.
-        sums = self._sums + step_stats  # [N, 7]
+        # Per-episode sums of the terms, the steps and the targets reached; finished rows are handed out as they
+        # are and restart from zero in a fresh tensor.
+        sums = self._sums + torch.cat((weighted, self._ones, at_target.float()[:, None]), 1)  # [N, terms + 2]
         self._sums = sums.masked_fill(done[:, None], 0.0)
-        episode = {f"reward_{term}": sums[:, i] for i, term in enumerate(REWARD_TERMS)}
-        episode.update(length=sums[:, 5], targets=sums[:, 6], crashed=crashed, **{"return": sums[:, :5].sum(1)})
+        episode = {f"reward_{name}": sums[:, i] for i, name in enumerate(terms)}
+        episode.update(length=sums[:, -2], targets=sums[:, -1], crashed=crashed, **{"return": sums[:, :-2].sum(1)})
 
         # Observation before any reset (bootstrapping target for time-outs). The action slot holds the action
         # applied in this step; the Genesis example stores the one before it (one step staler).
@@ -270,3 +267,26 @@ class HoverEnv:
 
         info = {"time_outs": time_outs, "final_obs": final_obs, "episode": episode, "nonfinite": nonfinite}
         return obs, reward, done, info
+
+
+class EpisodeStats:
+    """Sums over finished episodes, kept on the device (no sync per step); train.py and eval.py count with it."""
+    KEYS = ("count", "return", "length", "targets", "crashed")
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+
+    def add(self, done, episode):  # done [N] bool: which episodes to count; episode: env.step's per-episode sums
+        d = done.double()
+        self.sums += torch.stack([d, episode["return"] * d, episode["length"] * d, episode["targets"] * d,
+                                  episode["crashed"] * d]).sum(1)
+
+    def read(self, dt, all_sum=None):
+        """Per-episode means and per-drone-minute rates over all workers (one host sync); the sums restart."""
+        count, ret, length, targets, crashed = (all_sum(self.sums) if all_sum else self.sums).tolist()
+        self.sums.zero_()
+        minutes = length * dt / 60
+        return {"episodes": int(count)} if count == 0 else {
+            "episodes": int(count), "episode_return": ret / count, "episode_length": length / count,
+            "targets_per_episode": targets / count, "crashes_per_episode": crashed / count,
+            "targets_per_drone_min": targets / minutes, "crashes_per_drone_min": crashed / minutes}

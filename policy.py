@@ -18,6 +18,7 @@ The std is learned directly (not its log), as rsl_rl's ActorCritic does, so that
 training dynamics match the Genesis hover example trained with rsl_rl.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -41,20 +42,20 @@ class _TanhViaSigmoid(torch.autograd.Function):
 
 
 class Tanh(nn.Module):
-    """nn.Tanh, faster on CPU. There torch.tanh is 7x slower than torch.sigmoid (4.9 vs 0.7 ms on a
-    12,800 x 128 tensor, 1 thread: 27 % of a PPO update), so it is computed through the sigmoid (at most
-    2e-7 from torch.tanh, and 40 % less time forward and backward). On a GPU, torch.tanh is used."""
+    """nn.Tanh with an optional speed-up for CPUs, where torch.tanh is several times slower than
+    torch.sigmoid: there it is computed through the sigmoid (within 2e-7 of torch.tanh; the saving is
+    measured in EXPERIMENTS.md). On a GPU it is torch.tanh. Replace it by nn.Tanh to drop the trick."""
 
     def forward(self, x):
         return _TanhViaSigmoid.apply(x) if x.device.type == "cpu" else torch.tanh(x)
 
 
-def mlp(sizes, activation):
+def mlp(sizes):  # Linear, Tanh, ..., Linear
     layers = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
-            layers.append(activation())
+            layers.append(Tanh())
     return nn.Sequential(*layers)
 
 
@@ -91,13 +92,27 @@ class RunningNorm(nn.Module):
         return (obs - self.mean) / torch.sqrt(self.var + self.eps)
 
 
+class ActOutput(NamedTuple):  # policy.act: one rollout step of N envs
+    actions: torch.Tensor  # [N, act] sampled from N(mean, std^2)
+    log_prob: torch.Tensor  # [N] of those actions
+    value: torch.Tensor  # [N] the critic's estimate
+    mean: torch.Tensor  # [N, act]
+    std: torch.Tensor  # [N, act]
+
+
+class EvaluateOutput(NamedTuple):  # policy.evaluate: B stored samples scored by the current weights
+    log_prob: torch.Tensor  # [B] of the stored actions
+    entropy: torch.Tensor  # [B]
+    value: torch.Tensor  # [B]
+    mean: torch.Tensor  # [B, act]
+    std: torch.Tensor  # [B, act]
+
+
 class ActorCritic(nn.Module):
-    def __init__(self, num_obs, num_actions, hidden=(128, 128), activation="tanh", init_std=1.0,
-                 normalize_obs=False):
+    def __init__(self, num_obs, num_actions, hidden=(128, 128), init_std=1.0, normalize_obs=False):
         super().__init__()
-        act = {"tanh": Tanh, "elu": nn.ELU, "relu": nn.ReLU}[activation]
-        self.actor = mlp([num_obs, *hidden, num_actions], act)
-        self.critic = mlp([num_obs, *hidden, 1], act)
+        self.actor = mlp([num_obs, *hidden, num_actions])
+        self.critic = mlp([num_obs, *hidden, 1])
         self.std = nn.Parameter(init_std * torch.ones(num_actions))
         # Off by default, as in the Genesis hover example: its observations are already scaled to about [-1, 1].
         self.obs_norm = RunningNorm(num_obs) if normalize_obs else nn.Identity()
@@ -109,67 +124,23 @@ class ActorCritic(nn.Module):
     def value(self, obs):  # obs [B, obs] -> [B]
         return self.critic(self.obs_norm(obs)).squeeze(-1)
 
-    def act(self, obs):
-        """Rollout: sample actions for all envs. obs [N, obs] -> actions, log_prob [N], value [N], mean, std [N, act]."""
+    def act(self, obs):  # rollout: obs [N, obs] -> ActOutput
         x = self.obs_norm(obs)
         mean = self.actor(x)  # [N, act]
         std = self.std.expand_as(mean)  # [N, act], a view: no copy
         actions = mean + std * torch.randn_like(mean)
-        return actions, gaussian_log_prob(actions, mean, std), self.critic(x).squeeze(-1), mean, std
+        return ActOutput(actions, gaussian_log_prob(actions, mean, std), self.critic(x).squeeze(-1), mean, std)
 
-    def evaluate(self, obs, actions):
-        """Update: score given actions under the current weights.
-        obs [B, obs], actions [B, act] -> log_prob [B], entropy [B], value [B], mean, std [B, act]."""
+    def evaluate(self, obs, actions):  # update: obs [B, obs], actions [B, act] -> EvaluateOutput
         x = self.obs_norm(obs)
         mean = self.actor(x)
         std = self.std.expand_as(mean)
         entropy = (0.5 + LOG_SQRT_2PI + torch.log(std)).sum(-1)  # entropy of N(mean, std^2), summed over dims
-        return gaussian_log_prob(actions, mean, std), entropy, self.critic(x).squeeze(-1), mean, std
+        return EvaluateOutput(gaussian_log_prob(actions, mean, std), entropy, self.critic(x).squeeze(-1), mean, std)
 
-    def act_deterministic(self, obs):  # evaluation: the action mean [N, act]
+    def act_deterministic(self, obs):  # evaluation and export: the action mean [N, act]
         return self.actor(self.obs_norm(obs))
 
 
 def gaussian_log_prob(actions, mean, std):  # [B, act] each -> [B], independent dims: log-probs add
     return (-0.5 * ((actions - mean) / std) ** 2 - torch.log(std) - LOG_SQRT_2PI).sum(-1)
-
-
-def parameter_breakdown(policy):
-    """Rows (name, shape, count) for every learnable tensor, and the totals."""
-    rows = [(name, tuple(p.shape), p.numel()) for name, p in policy.named_parameters()]
-    actor = sum(n for name, _, n in rows if name.startswith("actor."))
-    critic = sum(n for name, _, n in rows if name.startswith("critic."))
-    total = sum(n for _, _, n in rows)
-    return rows, {"actor": actor, "critic": critic, "weights": actor + critic, "std": total - actor - critic,
-                  "total": total}
-
-
-def memory_table(policy, optimizer=None):
-    """The seed's memory table, measured from the real tensors.
-
-    Weights and gradients are read from the parameters (and their .grad if allocated);
-    Adam's m and v from the optimizer's tensors when it exposes them (this project's
-    adam.Adam does), otherwise assumed the size of the weights, as for torch.optim.Adam."""
-    params = list(policy.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params)
-    grads = sum((p.grad if p.grad is not None else p).numel() * p.element_size() for p in params)
-    m = getattr(optimizer, "m", None)
-    v = getattr(optimizer, "v", None)
-    m_bytes = m.numel() * m.element_size() if m is not None else weights
-    v_bytes = v.numel() * v.element_size() if v is not None else weights
-    rows = [("weights (theta)", weights), ("gradients (g)", grads), ("Adam m", m_bytes), ("Adam v", v_bytes),
-            ("total", weights + grads + m_bytes + v_bytes)]
-    lines = [f"  {name:<16s} {b / 1e3:9.1f} KB" for name, b in rows]
-    return "\n".join(lines), dict(rows)
-
-
-def describe(policy, optimizer=None):
-    """Printable parameter breakdown + memory table."""
-    rows, totals = parameter_breakdown(policy)
-    out = ["parameters:"]
-    out += [f"  {name:<18s} {str(list(shape)):<12s} {n:7,d}" for name, shape, n in rows]
-    out.append(f"  actor {totals['actor']:,} + critic {totals['critic']:,} = {totals['weights']:,} weights"
-               f" + {totals['std']:,} std = {totals['total']:,}")
-    out.append("memory of the learner (float32, 1 KB = 1000 B):")
-    out.append(memory_table(policy, optimizer)[0])
-    return "\n".join(out)

@@ -2,51 +2,65 @@
 
     rollout -> storage -> [PPO loss -> backward -> optimizer step] x epochs x minibatches -> next rollout
 
-`ppo_loss` is a pure function of tensors (test it by hand). `update` runs the
-epochs x minibatches loop: forward, KL-adapted learning rate, loss, backward,
-global gradient clipping, optimizer step. Every figure it returns stays a tensor
-on the device, so the loop never waits for the host; the trainer reads them
-once per iteration.
+`ppo_loss` is a pure function of tensors (test it by hand). `update` runs the epochs x minibatches
+loop: forward, KL-adapted learning rate, loss, backward, gradient averaged over data-parallel workers
+(if any), global gradient clipping, optimizer step. Every figure it returns stays a tensor on the
+device, so the loop never waits for the host; the trainer reads them once per iteration.
 
-Duck typing keeps this file standalone: `policy` needs `evaluate(obs, actions) ->
-(log_prob, entropy, value, mean, std)`, `optimizer` needs `zero_grad()`, `step()`
-and a settable `lr`; each minibatch needs the fields of storage.Batch.
+This file imports only torch. What it needs from the other stages, by name:
+    policy.evaluate(obs, actions)  fields log_prob, entropy, value [B] and mean, std [B, act]
+    optimizer                      zero_grad(), step(), param_groups[i]["lr"]: any torch.optim optimizer,
+                                   or adam.Adam
+    each minibatch                 the fields of storage.Batch
 
-Defaults are the Genesis hover example's (rsl_rl PPO): Schulman et al., 2017,
-"Proximal Policy Optimization Algorithms", with rsl_rl's clipped value loss and
-KL-adaptive learning rate.
+Defaults are the Genesis hover example's (rsl_rl PPO): Schulman et al., 2017, "Proximal Policy
+Optimization Algorithms", with rsl_rl's clipped value loss and KL-adaptive learning rate.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 
+def _setting(default, help):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class PPOConfig:
-    clip: float = 0.2  # epsilon of the clipped surrogate: ratio kept in [1-clip, 1+clip]
-    clip_value_loss: bool = True  # also clip the value prediction to within `clip` of the rollout's value
-    value_coef: float = 1.0  # weight of the value loss
-    entropy_coef: float = 0.004  # weight of the entropy bonus (keeps exploring)
-    num_epochs: int = 5  # passes over the rollout per update
-    num_minibatches: int = 4  # minibatches per pass; each is T*N / 4 samples
-    learning_rate: float = 3e-4  # initial lr; then adapted to the KL when adaptive_lr
-    adaptive_lr: bool = True  # rsl_rl's "adaptive" schedule
-    desired_kl: float = 0.01  # target KL(rollout policy || current policy) per minibatch
-    lr_min: float = 1e-5  # the adaptive lr stays within [lr_min, lr_max]
-    lr_max: float = 1e-2  # (rsl_rl's bounds)
-    max_grad_norm: float = 1.0  # global L2 norm of the gradient is clipped to this
-    gamma: float = 0.99  # discount: a reward 100 steps (1 s) ahead counts 0.37
-    lam: float = 0.95  # GAE lambda: bias/variance trade-off of the advantage
+    clip: float = _setting(0.2, "epsilon of the clipped surrogate: the ratio is kept within [1 - clip, 1 + clip]")
+    clip_value_loss: bool = _setting(True, "also keep the value prediction within clip of the rollout's value")
+    value_coef: float = _setting(1.0, "weight of the value loss")
+    entropy_coef: float = _setting(0.004, "weight of the entropy bonus (keeps the policy exploring)")
+    num_epochs: int = _setting(5, "passes over the rollout per update")
+    num_minibatches: int = _setting(4, "minibatches per pass; each holds 1/num_minibatches of the rollout")
+    learning_rate: float = _setting(3e-4, "initial learning rate; then adapted to the KL when adaptive_lr")
+    adaptive_lr: bool = _setting(True, "rsl_rl's schedule: lr / 1.5 when the KL is over 2 desired_kl, "
+                                       "lr * 1.5 when under desired_kl / 2")
+    desired_kl: float = _setting(0.01, "target KL(rollout policy || current policy) per minibatch")
+    lr_min: float = _setting(1e-5, "lower bound of the adaptive learning rate (rsl_rl's)")
+    lr_max: float = _setting(1e-2, "upper bound of the adaptive learning rate (rsl_rl's)")
+    max_grad_norm: float = _setting(1.0, "the gradient's global L2 norm is clipped to this")
+    gamma: float = _setting(0.99, "discount per 0.01 s step: a reward 1 s ahead counts 0.37")
+    lam: float = _setting(0.95, "GAE lambda: the bias/variance trade-off of the advantage")
+
+
+class Loss(NamedTuple):  # each a 0-dim tensor
+    total: torch.Tensor  # what backward() is called on
+    surrogate: torch.Tensor
+    value: torch.Tensor
+    entropy: torch.Tensor
+    clip_fraction: torch.Tensor  # share of samples whose ratio left [1 - clip, 1 + clip]
 
 
 def ppo_loss(log_prob, old_log_prob, advantages, value, old_value, returns, entropy,
              clip=0.2, value_coef=1.0, entropy_coef=0.004, clip_value_loss=True):
-    """All inputs [B]. Returns (loss, surrogate loss, value loss, mean entropy, clip fraction), 0-dim tensors.
+    """All inputs [B]. Returns the Loss terms, means over the batch:
 
         ratio     r = pi(a|s) / pi_old(a|s)
         surrogate L = -mean(min(r * A, clip(r, 1-eps, 1+eps) * A))
         value     V = mean(max((v - R)^2, (v_old + clip(v - v_old, -eps, eps) - R)^2))
-        loss        = L + value_coef * V - entropy_coef * mean(entropy)
+        total       = L + value_coef * V - entropy_coef * mean(entropy)
     """
     ratio = torch.exp(log_prob - old_log_prob)
     surrogate = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
@@ -56,9 +70,9 @@ def ppo_loss(log_prob, old_log_prob, advantages, value, old_value, returns, entr
         value_loss = torch.max(value_loss, (clipped - returns) ** 2)
     value_loss = value_loss.mean()
     entropy = entropy.mean()
-    loss = surrogate + value_coef * value_loss - entropy_coef * entropy
+    total = surrogate + value_coef * value_loss - entropy_coef * entropy
     clip_fraction = ((ratio - 1).abs() > clip).float().mean()
-    return loss, surrogate, value_loss, entropy, clip_fraction
+    return Loss(total, surrogate, value_loss, entropy, clip_fraction)
 
 
 def gaussian_kl(old_mean, old_std, mean, std):
@@ -76,43 +90,63 @@ def adapt_lr(lr, kl, cfg):
     return torch.where((kl < cfg.desired_kl / 2) & (kl > 0), higher, lr)
 
 
-def update(policy, optimizer, batches, cfg, average=None):
-    """One PPO update over an iterable of minibatches. Returns a dict of 0-dim tensors (means over minibatches).
+def gradient_buffers(params):
+    """The tensors that hold the gradient: one flat buffer when every p.grad is a view into it (adam.Adam
+    keeps them so), else each p.grad. Averaging or clipping one buffer is one op, not one per tensor."""
+    grads = [p.grad for p in params]
+    storage = grads[0].untyped_storage()
+    if (all(g.untyped_storage().data_ptr() == storage.data_ptr() for g in grads)
+            and storage.nbytes() == sum(g.numel() for g in grads) * grads[0].element_size()):
+        return [grads[0].new_empty(0).set_(storage)]
+    return grads
 
-    `average`, for data-parallel training, maps a tensor to its mean over all workers, in place
-    (an all-reduce). It is applied to every gradient before clipping, so all workers take the
-    same step, and to the KL, so all workers pick the same lr. None on a single process."""
-    device = next(policy.parameters()).device
-    if not torch.is_tensor(optimizer.lr):
-        optimizer.lr = torch.tensor(float(optimizer.lr), device=device)
-    clip_grad = getattr(optimizer, "clip_grad_norm_", None)  # a flat-buffer optimizer clips in one op
-    if clip_grad is None:
-        clip_grad = lambda max_norm: torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+
+def clip_grad_norm_(grads, max_norm):
+    """Scale the gradient so that its global L2 norm is at most max_norm (torch.nn.utils.clip_grad_norm_'s
+    formula); returns the norm before clipping, as a device tensor."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(scale)
+    return norm
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:  # an optimizer built with a float lr gets a float: one host sync
+        group["lr"] = lr if torch.is_tensor(group["lr"]) else lr.item()
+
+
+def update(policy, optimizer, batches, cfg, average=None):
+    """One PPO update over an iterable of minibatches. Returns a dict of 0-dim tensors (means over minibatches,
+    and the lr at the end).
+
+    `average`, for data-parallel training, maps a tensor to its mean over all workers, in place (an
+    all-reduce). It is applied to the gradient before clipping, so all workers take the same step, and
+    to the KL, so all workers pick the same lr. None on a single process."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    lr = torch.as_tensor(optimizer.param_groups[0]["lr"], dtype=torch.float32, device=params[0].device)
     names = ("loss", "surrogate", "value_loss", "entropy", "clip_fraction", "kl", "grad_norm")
-    sums = {k: torch.zeros((), device=device) for k in names}
-    count = 0
+    sums, count = {k: torch.zeros((), device=lr.device) for k in names}, 0
     for b in batches:
-        log_prob, entropy, value, mean, std = policy.evaluate(b.obs, b.actions)
+        out = policy.evaluate(b.obs, b.actions)
         with torch.no_grad():
-            kl = gaussian_kl(b.mean, b.std, mean, std).mean()
+            kl = gaussian_kl(b.mean, b.std, out.mean, out.std).mean()
             if average is not None:
                 kl = average(kl)
             if cfg.adaptive_lr:
-                optimizer.lr = adapt_lr(optimizer.lr, kl, cfg)
-        loss, surrogate, value_loss, entropy, clip_fraction = ppo_loss(
-            log_prob, b.log_probs, b.advantages, value, b.values, b.returns, entropy,
-            cfg.clip, cfg.value_coef, cfg.entropy_coef, cfg.clip_value_loss)
+                lr = adapt_lr(lr, kl, cfg)
+                set_lr(optimizer, lr)
+        loss = ppo_loss(out.log_prob, b.log_probs, b.advantages, out.value, b.values, b.returns, out.entropy,
+                        cfg.clip, cfg.value_coef, cfg.entropy_coef, cfg.clip_value_loss)
         optimizer.zero_grad()
-        loss.backward()
+        loss.total.backward()
+        grads = gradient_buffers(params)
         if average is not None:
-            # A flat-buffer optimizer (adam.Adam) holds the whole gradient in one tensor: one all-reduce.
-            for g in [optimizer.g] if hasattr(optimizer, "g") else [p.grad for p in policy.parameters()]:
+            for g in grads:
                 average(g)
-        grad_norm = clip_grad(cfg.max_grad_norm)
+        grad_norm = clip_grad_norm_(grads, cfg.max_grad_norm)
         optimizer.step()
-        for k, x in zip(names, (loss, surrogate, value_loss, entropy, clip_fraction, kl, grad_norm)):
+        for k, x in zip(names, (*loss, kl, grad_norm)):
             sums[k] += x.detach()
         count += 1
-    stats = {k: s / max(count, 1) for k, s in sums.items()}
-    stats["lr"] = optimizer.lr.detach().clone()
-    return stats
+    return {**{k: s / max(count, 1) for k, s in sums.items()}, "lr": lr.clone()}

@@ -56,21 +56,15 @@ class RolloutStorage:
         self.returns = z(T, N)
         self.step = 0
 
-    def add(self, obs, actions, rewards, dones, time_outs, final_obs, values, log_probs, mean, std):
-        """Write one step of all N envs in place. Each argument is [N] or [N, dim]."""
+    def add(self, *, obs, actions, rewards, dones, time_outs, final_obs, values, log_probs, mean, std):
+        """Write one step of all N envs in place; each field [N] or [N, dim], by name (two [N] fields
+        swapped would otherwise pass silently)."""
         if self.step >= self.num_steps:
             raise RuntimeError("rollout storage is full: call clear() after the update")
-        t = self.step
-        self.obs[t].copy_(obs)
-        self.actions[t].copy_(actions)
-        self.rewards[t].copy_(rewards)
-        self.dones[t].copy_(dones)
-        self.time_outs[t].copy_(time_outs)
-        self.final_obs[t].copy_(final_obs)
-        self.values[t].copy_(values)
-        self.log_probs[t].copy_(log_probs)
-        self.mean[t].copy_(mean)
-        self.std[t].copy_(std)
+        fields = dict(obs=obs, actions=actions, rewards=rewards, dones=dones, time_outs=time_outs,
+                      final_obs=final_obs, values=values, log_probs=log_probs, mean=mean, std=std)
+        for name, x in fields.items():
+            getattr(self, name)[self.step].copy_(x)
         self.step += 1
 
     def clear(self):

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from adam import Adam
-from policy import ActorCritic, Tanh, describe, gaussian_log_prob, memory_table, parameter_breakdown
-from ppo import PPOConfig, adapt_lr, gaussian_kl, ppo_loss, update
+from policy import ActorCritic, Tanh
+from ppo import PPOConfig, adapt_lr, clip_grad_norm_, gaussian_kl, gradient_buffers, ppo_loss, update
 from storage import RolloutStorage
 
 
@@ -77,7 +77,7 @@ def test_adam_state_dict_round_trip_is_bit_identical():
     b_model = copy.deepcopy(a_model)
     b = Adam(b_model.parameters(), lr=0.5)  # wrong lr on purpose: the state must restore it
     b.load_state_dict(a.state_dict())
-    assert b.t == a.t == 20 and b.lr == a.lr
+    assert b.t == a.t == 20 and b.param_groups[0]["lr"] == a.param_groups[0]["lr"] == 1e-3
     for step in range(20, 40):
         for model, o in ((a_model, a), (b_model, b)):
             o.zero_grad()
@@ -104,17 +104,25 @@ def test_adam_tensor_lr_equals_float_lr():
     assert torch.allclose(o1.theta, o2.theta, atol=1e-7)
 
 
-def test_adam_clip_grad_norm_matches_torch():
-    m1, m2 = small_mlp(), small_mlp()
+def test_ppo_clips_the_flat_gradient_as_torch_clips_each_tensor():
+    """ppo.py finds adam.Adam's flat gradient from the tensors alone (one buffer to average and clip), falls
+    back to the tensors of a torch optimizer, and clips both as torch.nn.utils.clip_grad_norm_ does."""
+    m1, m2, m3 = small_mlp(), small_mlp(), small_mlp()
     opt = Adam(m1.parameters())
     opt.zero_grad()
-    (100 * regression_loss(m1, 0)).backward()
-    (100 * regression_loss(m2, 0)).backward()
-    norm = opt.clip_grad_norm_(1.0)
-    ref_norm = torch.nn.utils.clip_grad_norm_(m2.parameters(), 1.0)
-    assert torch.allclose(norm, ref_norm)
+    for m in (m1, m2, m3):
+        (100 * regression_loss(m, 0)).backward()
+    flat = gradient_buffers(list(m1.parameters()))
+    assert len(flat) == 1 and flat[0].data_ptr() == opt.g.data_ptr() and flat[0].numel() == opt.g.numel()
+    per_tensor = gradient_buffers(list(m2.parameters()))
+    assert len(per_tensor) == len(list(m2.parameters()))
+    norm, norm2 = clip_grad_norm_(flat, 1.0), clip_grad_norm_(per_tensor, 1.0)
+    ref_norm = torch.nn.utils.clip_grad_norm_(m3.parameters(), 1.0)
+    assert torch.allclose(norm, ref_norm) and torch.allclose(norm2, ref_norm)
     assert norm > 1.0  # clipping was active
-    assert torch.allclose(opt.g, torch.cat([p.grad.flatten() for p in m2.parameters()]), atol=1e-7)
+    for m in (m1, m2):
+        assert torch.allclose(torch.cat([p.grad.flatten() for p in m.parameters()]),
+                              torch.cat([p.grad.flatten() for p in m3.parameters()]), atol=1e-7)
     assert torch.linalg.vector_norm(opt.g) == pytest.approx(1.0, rel=1e-5)
 
 
@@ -131,24 +139,18 @@ def test_adam_detects_detached_grads():
 
 def test_policy_parameter_count_is_the_seeds():
     policy = ActorCritic(17, 4)
-    _, totals = parameter_breakdown(policy)
-    assert totals["actor"] == 19_332
-    assert totals["critic"] == 18_945
-    assert totals["weights"] == 38_277
-    assert totals["total"] == 38_281
-    assert sum(p.numel() for p in policy.parameters()) == 38_281
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(policy.actor) == 19_332
+    assert count(policy.critic) == 18_945
+    assert count(policy.actor) + count(policy.critic) == 38_277
+    assert count(policy) == 38_281 and policy.std.numel() == 4
 
 
-def test_policy_memory_table_from_real_tensors():
-    policy = ActorCritic(17, 4)
-    opt = Adam(policy.parameters())
-    text, rows = memory_table(policy, opt)
-    assert rows["weights (theta)"] == 38_281 * 4  # 153.1 KB
-    assert rows["gradients (g)"] == 38_281 * 4
-    assert rows["Adam m"] == rows["Adam v"] == 38_281 * 4
-    assert rows["total"] == 4 * 38_281 * 4  # 612.5 KB
-    assert "153.1 KB" in text and "612.5 KB" in text
-    assert "38,277 weights" in describe(policy, opt)
+def test_learner_memory_is_the_seeds_table():
+    rows = Adam(ActorCritic(17, 4).parameters()).nbytes()  # read from the real tensors
+    assert rows == {"weights (theta)": 38_281 * 4, "gradients (g)": 38_281 * 4,  # 153.1 KB each
+                    "Adam m": 38_281 * 4, "Adam v": 38_281 * 4}
+    assert sum(rows.values()) == 612_496  # 612.5 KB
 
 
 def test_policy_tanh_matches_torch_tanh_in_value_and_gradient():
@@ -167,22 +169,23 @@ def test_policy_act_and_evaluate_agree():
     torch.manual_seed(0)
     policy = ActorCritic(17, 4, init_std=0.7)
     obs = torch.randn(32, 17)
-    actions, log_prob, value, mean, std = policy.act(obs)
-    assert actions.shape == (32, 4) and log_prob.shape == (32,) and value.shape == (32,)
-    assert torch.allclose(std, torch.full((32, 4), 0.7))
-    log_prob2, entropy, value2, mean2, _ = policy.evaluate(obs, actions)
-    assert torch.allclose(log_prob, log_prob2) and torch.allclose(value, value2) and torch.equal(mean, mean2)
-    dist = torch.distributions.Normal(mean, std)
-    assert torch.allclose(log_prob, dist.log_prob(actions).sum(-1), atol=1e-5)
-    assert torch.allclose(entropy, dist.entropy().sum(-1), atol=1e-5)
-    assert torch.equal(policy.act_deterministic(obs), mean)
+    act = policy.act(obs)
+    assert act.actions.shape == (32, 4) and act.log_prob.shape == (32,) and act.value.shape == (32,)
+    assert torch.allclose(act.std, torch.full((32, 4), 0.7))
+    out = policy.evaluate(obs, act.actions)
+    assert torch.allclose(act.log_prob, out.log_prob) and torch.allclose(act.value, out.value)
+    assert torch.equal(act.mean, out.mean) and torch.equal(act.std, out.std)
+    dist = torch.distributions.Normal(act.mean, act.std)
+    assert torch.allclose(act.log_prob, dist.log_prob(act.actions).sum(-1), atol=1e-5)
+    assert torch.allclose(out.entropy, dist.entropy().sum(-1), atol=1e-5)
+    assert torch.equal(policy.act_deterministic(obs), act.mean)
 
 
 def test_policy_samples_have_the_learned_std():
     torch.manual_seed(0)
     policy = ActorCritic(17, 4, init_std=0.3)
-    actions, _, _, mean, _ = policy.act(torch.zeros(20000, 17))
-    assert (actions - mean).std(0).sub(0.3).abs().max() < 0.01
+    act = policy.act(torch.zeros(20000, 17))
+    assert (act.actions - act.mean).std(0).sub(0.3).abs().max() < 0.01
 
 
 def test_policy_observation_normalizer_lives_in_the_module():
@@ -244,10 +247,11 @@ def fill_random(storage, seed=0, p_done=0.1, p_timeout=0.5):
     for _ in range(T):
         dones = torch.rand(N, generator=g) < p_done
         time_outs = dones & (torch.rand(N, generator=g) < p_timeout)
-        storage.add(torch.randn(N, storage.obs.shape[-1], generator=g), torch.randn(N, 4, generator=g),
-                    torch.randn(N, generator=g), dones, time_outs, torch.randn(N, storage.obs.shape[-1], generator=g),
-                    torch.randn(N, generator=g), torch.randn(N, generator=g), torch.randn(N, 4, generator=g),
-                    torch.rand(N, 4, generator=g) + 0.5)
+        storage.add(obs=torch.randn(N, storage.obs.shape[-1], generator=g), actions=torch.randn(N, 4, generator=g),
+                    rewards=torch.randn(N, generator=g), dones=dones, time_outs=time_outs,
+                    final_obs=torch.randn(N, storage.obs.shape[-1], generator=g), values=torch.randn(N, generator=g),
+                    log_probs=torch.randn(N, generator=g), mean=torch.randn(N, 4, generator=g),
+                    std=torch.rand(N, 4, generator=g) + 0.5)
 
 
 def test_storage_gae_matches_naive_reference():
@@ -366,14 +370,15 @@ def test_ppo_first_minibatch_has_ratio_one_and_kl_zero():
     with torch.no_grad():
         for _ in range(8):
             obs = torch.randn(16, 17)
-            a, lp, v, mean, std = policy.act(obs)
-            s.add(obs, a, torch.randn(16), torch.zeros(16, dtype=torch.bool), torch.zeros(16, dtype=torch.bool),
-                  torch.zeros(16, 17), v, lp, mean, std)
+            act = policy.act(obs)
+            s.add(obs=obs, actions=act.actions, rewards=torch.randn(16), dones=torch.zeros(16, dtype=torch.bool),
+                  time_outs=torch.zeros(16, dtype=torch.bool), final_obs=torch.zeros(16, 17), values=act.value,
+                  log_probs=act.log_prob, mean=act.mean, std=act.std)
     s.compute_returns(torch.zeros(16), torch.zeros(0), 0.99, 0.95)
     b = next(s.minibatches(1, 4))
-    lp, ent, v, mean, std = policy.evaluate(b.obs, b.actions)
-    assert torch.equal(torch.exp(lp - b.log_probs), torch.ones_like(lp))
-    assert gaussian_kl(b.mean, b.std, mean, std).abs().max() == 0
+    out = policy.evaluate(b.obs, b.actions)
+    assert torch.equal(torch.exp(out.log_prob - b.log_probs), torch.ones_like(out.log_prob))
+    assert gaussian_kl(b.mean, b.std, out.mean, out.std).abs().max() == 0
     # the update reports the KL, lr and losses as device tensors; the lr grows when the KL stays small
     opt = Adam(policy.parameters(), lr=1e-4)
     stats = update(policy, opt, s.minibatches(2, 4), PPOConfig(learning_rate=1e-4))
@@ -381,31 +386,25 @@ def test_ppo_first_minibatch_has_ratio_one_and_kl_zero():
     assert stats["kl"] > 0 and stats["lr"] > 1e-4
 
 
-def test_ppo_update_works_with_torch_adam():
+def test_ppo_update_works_with_a_stock_torch_adam():
+    """No adapter: update() sets the KL-adapted lr through param_groups, for torch.optim.Adam as for adam.Adam,
+    and both take the same steps."""
     torch.manual_seed(0)
-    policy = ActorCritic(17, 4)
-    s = RolloutStorage(4, 8, 17, 4, "cpu")
+    ours, ref = ActorCritic(17, 4), ActorCritic(17, 4)
+    ref.load_state_dict(ours.state_dict())
+    before = [p.detach().clone() for p in ref.parameters()]
+    s = RolloutStorage(4, 64, 17, 4, "cpu")
     fill_random(s)
-    s.compute_returns(torch.zeros(8), torch.zeros(int(s.time_outs.sum())), 0.99, 0.95)
-    opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
-    opt.lr = 3e-4  # duck typing: any optimizer with an lr attribute
-
-    class LrFollows:  # torch.optim reads the lr from param_groups; forward the attribute
-        def __init__(self, o):
-            self.o = o
-            self.lr = o.param_groups[0]["lr"]
-
-        def zero_grad(self):
-            self.o.zero_grad()
-
-        def step(self):
-            self.o.param_groups[0]["lr"] = self.lr
-            self.o.step()
-
-    before = [p.detach().clone() for p in policy.parameters()]
-    stats = update(policy, LrFollows(opt), s.minibatches(1, 2), PPOConfig(adaptive_lr=False))
-    assert all(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
-    assert torch.isfinite(stats["loss"])
+    s.compute_returns(torch.zeros(64), torch.zeros(int(s.time_outs.sum())), 0.99, 0.95)
+    batches = lambda: s.minibatches(3, 2, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    stats = update(ours, Adam(ours.parameters(), lr=torch.tensor(1e-3)), batches(), PPOConfig(desired_kl=1e-4))
+    torch_adam = torch.optim.Adam(ref.parameters(), lr=1e-3, foreach=False)
+    ref_stats = update(ref, torch_adam, batches(), PPOConfig(desired_kl=1e-4))
+    assert stats["lr"] < 1e-3 and torch_adam.param_groups[0]["lr"] == pytest.approx(ref_stats["lr"].item())
+    assert ref_stats["lr"] == pytest.approx(stats["lr"].item())  # the same schedule
+    assert max((a - b).abs().max().item() for a, b in zip(ref.parameters(), before)) > 1e-4  # it learned
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
 
 
 # A tiny batched task in pure torch: 256 point masses on a plane, each must reach its own target.
@@ -444,7 +443,7 @@ def mean_return(policy, deterministic):
     obs = env.obs()
     with torch.no_grad():
         for _ in range(env.max_len):
-            a = policy.act_deterministic(obs) if deterministic else policy.act(obs)[0]
+            a = policy.act_deterministic(obs) if deterministic else policy.act(obs).actions
             obs, r, *_ = env.step(a)
             total += r.mean()
     return total.item()
@@ -463,9 +462,10 @@ def test_ppo_learns_point_masses():
     for _ in range(25):
         with torch.no_grad():
             for _ in range(T):
-                a, lp, v, mean, std = policy.act(obs)
-                next_obs, r, done, time_out, final = env.step(a)
-                storage.add(obs, a, r, done, time_out, final, v, lp, mean, std)
+                act = policy.act(obs)
+                next_obs, r, done, time_out, final = env.step(act.actions)
+                storage.add(obs=obs, actions=act.actions, rewards=r, dones=done, time_outs=time_out, final_obs=final,
+                            values=act.value, log_probs=act.log_prob, mean=act.mean, std=act.std)
                 obs = next_obs
             storage.compute_returns(policy.value(obs), policy.value(storage.timed_out_obs()), cfg.gamma, cfg.lam)
         update(policy, opt, storage.minibatches(cfg.num_epochs, cfg.num_minibatches), cfg)
@@ -489,7 +489,9 @@ class StayPut:
 # env state directly (targets, episode counters, drone pose) to construct situations quickly; each says so.
 from torch.overrides import TorchFunctionMode
 
-from env import HoverConfig, HoverEnv, REWARD_TERMS
+from env import EpisodeStats, HoverConfig, HoverEnv
+
+REWARD_TERMS = ("target", "smooth", "yaw", "angular", "crash")
 
 N = 8
 CFG = HoverConfig()
@@ -846,6 +848,12 @@ import os
 import subprocess
 import sys
 
+import contextlib
+import dataclasses
+import io
+import shutil
+
+import eval as evaluation
 import train
 
 TINY = ["--device", "cpu", "--workers", "1", "--num-envs", "8", "--num-steps", "8", "--num-minibatches", "2",
@@ -858,7 +866,9 @@ TINY = ["--device", "cpu", "--workers", "1", "--num-envs", "8", "--num-steps", "
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
     (["--device", "tpu"], "unknown device"),
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at"),
-    (["--eval", "/nonexistent/ckpt.pt", "--eval-envs", "0"], "--eval-envs and --eval-seconds must be > 0"),
+    (["--normalize-obs", "ture"], "argument --normalize-obs: expected true or false"),
+    (["--hidden", "64", "x"], "argument --hidden: invalid int value: 'x'"),
+    (["--eval", "runs/x/ckpt_0010.pt"], "evaluation moved to its own script: python eval.py runs/x/ckpt_0010.pt"),
 ])
 def test_train_rejects_bad_settings_before_genesis(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -882,9 +892,34 @@ def test_train_rejects_missing_cuda_from_the_command_line():
 def test_train_rejects_corrupt_and_mismatched_checkpoints(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(bad)])
-    assert e.value.code == 2 and "not a readable checkpoint" in capsys.readouterr().err
+    for program in (train, evaluation):
+        with pytest.raises(SystemExit) as e:
+            program.main(["--resume", str(bad)] if program is train else [str(bad)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "is not a checkpoint of this project" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("1", True), ("yes", True),
+                                         ("false", False), ("FALSE", False), ("0", False), ("no", False)])
+def test_train_booleans_are_strict(text, value):
+    assert train.build_config(train.parse_args(["--device", "cpu", "--normalize-obs", text])).normalize_obs is value
+
+
+def test_train_settings_come_from_the_declarations(capsys):
+    """--help shows each field's own help text; the CPU preset is a named config, printed when it applies."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for cls in (train.TrainConfig, PPOConfig):
+        for f in dataclasses.fields(cls):
+            if f.name != "ppo":
+                assert " ".join(f.metadata["help"].split()) in help_text, f.name
+    assert "upper bound of the adaptive learning rate (rsl_rl's) (default 0.01)" in help_text
+    cfg = train.build_config(train.parse_args(["--device", "cpu", "--num-steps", "20"]))
+    out = capsys.readouterr().out
+    assert "CPU preset applies" in out and train.PRESET_FLAGS in out
+    assert cfg.num_steps == 20 and cfg.num_envs == train.CPU_PRESET["num_envs"]  # a flag overrides the preset
+    assert all(getattr(cfg, k) == v for k, v in train.CPU_PRESET.items() if k != "num_steps")
 
 
 def test_save_interrupted_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -928,12 +963,16 @@ def smoke_run(tmp_path_factory):
 
     train.update = update_then_sigterm
     before = signal.getsignal(signal.SIGTERM)
+    out = io.StringIO()
     try:
-        train.main(TINY + ["--max-iterations", "5", "--save-interval", "1", "--log-dir", log_dir,
-                           "--run-name", "smoke"])
+        with contextlib.redirect_stdout(out):
+            train.main(TINY + ["--max-iterations", "5", "--save-interval", "1", "--log-dir", log_dir,
+                               "--run-name", "smoke"])
     finally:
         train.update = real_update
     assert signal.getsignal(signal.SIGTERM) is before  # training's handler is gone when training returns
+    with open(os.path.join(log_dir, "stdout.txt"), "w") as f:
+        f.write(out.getvalue())
     return os.path.join(log_dir, "smoke")
 
 
@@ -950,6 +989,13 @@ def test_train_smoke_run_writes_config_metrics_and_checkpoints(smoke_run):
     assert all(math.isfinite(r["loss"]) and r["total_steps"] == 64 * r["iteration"] for r in rows)
     ckpt, _ = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
     assert ckpt["iteration"] == 2 and ckpt["optimizer"]["t"] == 2 * 2 * 2  # 2 iterations x 2 epochs x 2 minibatches
+    with open(os.path.join(os.path.dirname(smoke_run), "stdout.txt")) as f:
+        lines = f.read().splitlines()
+    # the seed's figures, printed at start from the real tensors; then one line per iteration
+    assert "actor 19,332 + critic 18,945 = 38,277 weights + 4 action std" in lines[4]
+    assert [line.split()[-2:] for line in lines[6:11]] == [["153.1", "KB"]] * 4 + [["612.5", "KB"]]
+    progress = [line for line in lines if line.startswith("iter ")]
+    assert [line.split()[1] for line in progress] == ["1/5", "2/5"] and "targets/drone-min" in progress[0]
 
 
 def test_train_refuses_to_overwrite_a_run(smoke_run, capsys):
@@ -966,7 +1012,7 @@ def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
 
     def spy(policy, optimizer, batches, cfg, average):
         if not seen:  # the optimizer as the first update of the resumed run finds it
-            seen.append((optimizer.m.clone(), optimizer.v.clone(), optimizer.t, float(optimizer.lr),
+            seen.append((optimizer.m.clone(), optimizer.v.clone(), optimizer.t, float(optimizer.param_groups[0]["lr"]),
                          {k: v.clone() for k, v in policy.named_parameters()}))
         return real_update(policy, optimizer, batches, cfg, average)
 
@@ -997,11 +1043,29 @@ def test_train_resume_rejects_another_network_shape(smoke_run, capsys):
 
 def test_eval_reports_on_a_checkpoint(smoke_run):
     ckpt = os.path.join(smoke_run, "ckpt_0002.pt")
-    report = train.main(["--eval", ckpt, "--eval-envs", "8", "--eval-seconds", "2"])
-    assert report["drones"] == 8 and report["seconds"] == pytest.approx(2.0)
-    assert report["targets_per_drone_min"] >= 0 and report["crashes_per_drone_min"] >= 0
+    report = evaluation.main([ckpt, "--drones", "8", "--seconds", "2"])
+    assert report["drones"] == 8 and report["seconds"] == pytest.approx(2.0) and report["iteration"] == 2
+    assert report["drone_minutes"] == pytest.approx(8 * 2 / 60)
+    # the untrained policy falls: about one crash per drone every 0.5 s, each counted once
+    assert report["crashes_per_drone_min"] == pytest.approx(report["crashes"] / report["drone_minutes"])
+    assert 8 <= report["crashes"] <= 40 and report["targets_per_drone_min"] >= 0
     assert 0 < report["mean_distance_m"] <= report["p95_distance_m"] < 5
-    assert os.path.isfile(os.path.join(smoke_run, "ckpt_0002_tracks.png"))
+    assert os.path.isfile(os.path.join(smoke_run, "ckpt_0002_flight.png"))
+    assert os.path.isfile(os.path.join(smoke_run, "learning_curve.png"))
+    noisy = evaluation.main([ckpt, "--drones", "8", "--seconds", "2", "--noise"])
+    assert noisy["policy"] == "with action noise" and noisy["mean_distance_m"] != report["mean_distance_m"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
+    (["x.pt", "--drones", "0"], "--drones and --seconds must be > 0"),
+    (["x.pt", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_eval_rejects_bad_input_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(flags)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("eval.py: error: ") and message in err and len(err.splitlines()) == 1
 
 
 def test_nonfinite_weights_stop_training_without_saving(tmp_path, monkeypatch, capsys):
@@ -1037,7 +1101,9 @@ def test_train_starts_cpu_workers_and_one_sigterm_stops_them_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0
     log.seek(0)
-    assert "2 workers x 8 envs x 8 steps = 128 samples per iteration" in log.read()
+    output = log.read()
+    assert "2 worker(s) x 8 drones x 8 steps = 128 samples per iteration" in output
+    assert "[W " not in output and "WARNING" not in output  # the kernel compiler's warnings stay quiet
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     last = rows[-1]["iteration"]
     assert 3 <= last < 10000 and all(r["total_steps"] == 128 * r["iteration"] for r in rows)
@@ -1053,11 +1119,12 @@ def test_train_rejects_cpu_workers_on_cuda(capsys):
     assert e.value.code == 2 and "torchrun" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- data-parallel training (train.Workers)
+# ---------------------------------------------------------------- workers.py: data-parallel training
 import tempfile
 
 import torch.multiprocessing as mp
 from storage import Batch
+from workers import Workers
 
 
 def dp_batches(T, N, M, seed, rank, world, average):
@@ -1075,9 +1142,10 @@ def dp_batches(T, N, M, seed, rank, world, average):
             obs = torch.randn(N * world, 17, generator=g)
             done = torch.rand(N * world, generator=g) < 0.1
             a = torch.randn(N * world, 4, generator=g)
-            lp, _, v, mean, std = policy.evaluate(obs, a)
-            s.add(obs[cols], a[cols], torch.randn(N * world, generator=g)[cols], done[cols], done[cols],
-                  obs[cols], v[cols], lp[cols], mean[cols], std[cols])
+            out = policy.evaluate(obs, a)
+            s.add(obs=obs[cols], actions=a[cols], rewards=torch.randn(N * world, generator=g)[cols], dones=done[cols],
+                  time_outs=done[cols], final_obs=obs[cols], values=out.value[cols], log_probs=out.log_prob[cols],
+                  mean=out.mean[cols], std=out.std[cols])
         s.compute_returns(torch.zeros(N * world)[cols], policy.value(s.timed_out_obs()), 0.99, 0.95, average=average)
     flat = [x.flatten(0, 1) for x in (s.obs, s.actions, s.log_probs, s.values, s.advantages, s.returns, s.mean,
                                       s.std)]
@@ -1090,7 +1158,7 @@ def dp_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    workers = train.Workers()
+    workers = Workers()
     workers.start(torch.device("cpu"))
     torch.manual_seed(0)
     policy = ActorCritic(17, 4, hidden=(32, 32))
@@ -1141,3 +1209,71 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
                                     "torch Adam for-loop"}
     with open(out) as f:
         assert json.load(f)["sizes"]["16"]["update_s"] == r["update_s"]
+
+
+# ---------------------------------------------------------------- each stage alone
+STAGE_SCRIPTS = {
+    "adam.py": """
+import torch, adam
+model = torch.nn.Linear(3, 2)
+before = model.weight.detach().clone()
+opt = adam.Adam(model.parameters(), lr=0.1)
+model(torch.ones(1, 3)).sum().backward()
+opt.step()
+assert not torch.equal(before, model.weight) and sum(opt.nbytes().values()) == 4 * 8 * 4
+""",
+    "policy.py": """
+import torch, policy
+p = policy.ActorCritic(6, 2, hidden=(16,), normalize_obs=True)
+p.update_normalizer(torch.randn(100, 6))
+act = p.act(torch.randn(5, 6))
+assert act.actions.shape == (5, 2) and p.evaluate(torch.randn(5, 6), act.actions).entropy.shape == (5,)
+""",
+    "storage.py": """
+import torch, storage
+s = storage.RolloutStorage(4, 3, 6, 2, "cpu")
+for _ in range(4):
+    s.add(obs=torch.randn(3, 6), actions=torch.randn(3, 2), rewards=torch.ones(3), dones=torch.zeros(3, dtype=bool),
+          time_outs=torch.zeros(3, dtype=bool), final_obs=torch.randn(3, 6), values=torch.zeros(3),
+          log_probs=torch.zeros(3), mean=torch.zeros(3, 2), std=torch.ones(3, 2))
+s.compute_returns(torch.zeros(3), torch.zeros(0), 0.99, 0.95, normalize_advantages=False)
+assert s.returns[0, 0] > s.returns[-1, 0] > 0 and len(list(s.minibatches(2, 3))) == 6
+""",
+    "ppo.py": """
+import torch, ppo
+from types import SimpleNamespace as Fields
+class Policy(torch.nn.Module):  # any policy with evaluate() -> named fields, any torch optimizer
+    def __init__(self):
+        super().__init__()
+        self.mu, self.v, self.log_std = torch.nn.Linear(6, 2), torch.nn.Linear(6, 1), torch.nn.Parameter(torch.zeros(2))
+    def evaluate(self, obs, actions):
+        d = torch.distributions.Normal(self.mu(obs), self.log_std.exp().expand(len(obs), 2))
+        return Fields(log_prob=d.log_prob(actions).sum(-1), entropy=d.entropy().sum(-1),
+                      value=self.v(obs).squeeze(-1), mean=d.mean, std=d.stddev)
+policy = Policy()
+obs, actions = torch.randn(32, 6), torch.randn(32, 2)
+batch = Fields(obs=obs, actions=actions, log_probs=torch.full((32,), -3.0), values=torch.zeros(32),
+               advantages=torch.randn(32), returns=torch.randn(32), mean=torch.zeros(32, 2), std=torch.ones(32, 2))
+opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+stats = ppo.update(policy, opt, [batch] * 4, ppo.PPOConfig())
+assert torch.isfinite(stats["loss"]) and opt.param_groups[0]["lr"] != 1e-3  # the KL moved the lr
+""",
+    "env.py": """
+import torch, env
+e = env.HoverEnv(4, device="cpu", seed=0)
+obs = e.reset()
+obs, reward, done, info = e.step(torch.zeros(4, 4))
+assert obs.shape == (4, e.num_obs) and reward.shape == (4,) and not done.any()
+""",
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_SCRIPTS))
+def test_each_stage_runs_alone_in_an_empty_folder(stage, tmp_path):
+    """A stage file copied alone into another project works there, with torch (and genesis, for env.py) only."""
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), stage), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", STAGE_SCRIPTS[stage] + "\nprint('ok')"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    assert os.listdir(tmp_path) == [stage] or set(os.listdir(tmp_path)) <= {stage, "__pycache__"}
