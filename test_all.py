@@ -26,11 +26,11 @@ def regression_loss(model, step):
 
 # ---------------------------------------------------------------- adam.py
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_adam_matches_torch_adam(weight_decay):
+@pytest.mark.parametrize("lr, betas", [(1e-3, (0.9, 0.999)), (3e-3, (0.8, 0.99))])
+def test_adam_matches_torch_adam(lr, betas):
     ours, ref = small_mlp(), small_mlp()
-    opt = Adam(ours.parameters(), lr=1e-3, weight_decay=weight_decay)
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, weight_decay=weight_decay, foreach=False)
+    opt = Adam(ours.parameters(), lr=lr, betas=betas)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=lr, betas=betas, foreach=False)
     worst = 0.0
     for step in range(250):
         for model, o in ((ours, opt), (ref, ref_opt)):
@@ -927,7 +927,7 @@ def test_save_interrupted_mid_write_keeps_the_previous_checkpoint(tmp_path, monk
     opt = Adam(policy.parameters())
 
     class FakeEnv:
-        generator = torch.Generator()
+        generator, cfg = torch.Generator(), HoverConfig()
 
     cfg = train.TrainConfig(device="cpu")
     path = str(tmp_path / "ckpt.pt")
@@ -1209,6 +1209,164 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
                                     "torch Adam for-loop"}
     with open(out) as f:
         assert json.load(f)["sizes"]["16"]["update_s"] == r["update_s"]
+
+
+# ---------------------------------------------------------------- export.py
+import ctypes
+import importlib.util
+
+import export
+import numpy as np
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_run, tmp_path_factory):
+    """The smoke run's last checkpoint exported in every format this machine can write."""
+    out = str(tmp_path_factory.mktemp("export"))
+    export.main([os.path.join(smoke_run, "ckpt_0002.pt"), "--out", out])
+    ckpt, cfg = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
+    policy = ActorCritic(17, 4, cfg.hidden, cfg.init_std, cfg.normalize_obs)
+    policy.load_state_dict(ckpt["policy"])
+    assert policy.obs_norm.count > 0  # the normalizer is on (CPU preset) and has learned: the export must carry it
+    return out, policy
+
+
+@pytest.fixture(scope="module")
+def parity_obs(env, exported):
+    """10,000 random observations and 10,000 from a real rollout of the policy (8 drones x 1,250 steps)."""
+    _, policy = exported
+    g = torch.Generator().manual_seed(0)
+    rand = torch.rand(10_000, 17, generator=g) * 3 - 1.5
+    obs, seen = env.reset(), []
+    with torch.no_grad():
+        for _ in range(1250):
+            seen.append(obs)
+            obs = env.step(policy.act(obs).actions)[0]
+    return {"random": rand, "rollout": torch.cat(seen)}
+
+
+def deterministic_actions(policy, obs):
+    with torch.no_grad():
+        return policy.act_deterministic(obs).clamp(-1, 1)  # the env clips actions to [-1, 1] too
+
+
+@pytest.fixture(scope="module")
+def c_policy(exported, tmp_path_factory):
+    """policy.c compiled with the system's cc, with a batch loop around policy_act for the tests."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc) on this machine")
+    out, _ = exported
+    build = tmp_path_factory.mktemp("c")
+    (build / "batch.c").write_text('#include "policy.h"\nvoid act_batch(const float *obs, float *act, int n) {\n'
+                                   '    for (int k = 0; k < n; k++) policy_act(obs + 17 * k, act + 4 * k);\n}\n')
+    lib = build / "libpolicy.so"
+    subprocess.run(["cc", "-std=c99", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{out}", "-o", str(lib),
+                    os.path.join(out, "policy.c"), str(build / "batch.c"), "-lm"], check=True)
+    act_batch = ctypes.CDLL(str(lib)).act_batch
+
+    def run(obs):  # obs [B, 17] -> actions [B, 4] from the C code
+        x = np.ascontiguousarray(obs.detach().cpu().numpy(), dtype=np.float32)
+        y = np.empty((len(x), 4), dtype=np.float32)
+        act_batch(x.ctypes.data_as(ctypes.c_void_p), y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(len(x)))
+        return torch.from_numpy(y)
+    return run
+
+
+def test_export_writes_every_artifact(exported):
+    out, _ = exported
+    onnx = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxscript") is not None
+    expected = {"policy.pt2", "policy.h", "policy.c", "policy.json"} | ({"policy.onnx"} if onnx else set())
+    assert set(os.listdir(out)) == expected  # and no temporary file left behind
+    with open(os.path.join(out, "policy.json")) as f:
+        meta = json.load(f)
+    assert meta["iteration"] == 2 and meta["control_rate_hz"] == 100 and len(meta["observation"]) == 17
+    assert [o["index"] for o in meta["observation"]] == list(range(17))
+    assert meta["action"]["hover_rpm"] == pytest.approx(14468.429183500699) and len(meta["action"]["motors"]) == 4
+    assert meta["c_footprint"] == {"flash_bytes": 4 * (19_332 + 2 * 17), "stack_bytes": 4 * (17 + 2 * 128),
+                                   "multiply_adds": 17 * 128 + 128 * 128 + 128 * 4, "tanhf_calls": 256}
+
+
+@pytest.mark.parametrize("source", ["random", "rollout"])
+def test_exported_torch_program_matches_the_policy(exported, parity_obs, source):
+    out, policy = exported
+    program = torch.export.load(os.path.join(out, "policy.pt2")).module()  # torch alone: no project code
+    obs = parity_obs[source]
+    with torch.no_grad():
+        err = (program(obs) - deterministic_actions(policy, obs)).abs().max().item()
+        assert program(obs[:1]).shape == (1, 4)  # any batch size
+    assert err <= 1e-6, err
+
+
+@pytest.mark.parametrize("source", ["random", "rollout"])
+def test_exported_onnx_matches_the_policy(exported, parity_obs, source):
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("onnx export and check need the optional packages onnx, onnxscript and onnxruntime")
+    import onnxruntime
+    out, policy = exported
+    session = onnxruntime.InferenceSession(os.path.join(out, "policy.onnx"))
+    obs = parity_obs[source]
+    actions = torch.from_numpy(session.run(None, {"obs": obs.numpy()})[0])
+    assert (actions - deterministic_actions(policy, obs)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("source", ["random", "rollout"])
+def test_exported_c_matches_the_policy(exported, parity_obs, c_policy, source):
+    _, policy = exported
+    obs = parity_obs[source]
+    err = (c_policy(obs) - deterministic_actions(policy, obs)).abs().max().item()
+    assert err <= 1e-5, err
+
+
+def test_exported_c_flies_like_the_policy(exported, c_policy):
+    """Closed loop: the C policy flies 1024 drones for 30 s as the torch policy does, counted as eval.py counts."""
+    _, policy = exported
+
+    class CPolicy:
+        def act_deterministic(self, obs):
+            return c_policy(obs)
+
+    flight = HoverEnv(1024, device="cpu", seed=10_001)
+    figures = {}
+    for name, p in (("torch", policy), ("c", CPolicy())):
+        flight.generator.manual_seed(10_001)  # the same targets for both
+        figures[name] = evaluation.fly(p, flight, 3000, noise=False)[1]  # every step flown
+    t, c = figures["torch"], figures["c"]
+    assert t["crashes_per_drone_min"] > 0  # the barely trained policy crashes: there is something to compare
+    for key in ("targets_per_drone_min", "crashes_per_drone_min"):
+        assert c[key] == pytest.approx(t[key], rel=0.05, abs=0.05), (key, t[key], c[key])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
+    (["CKPT", "--formats", "tflite"], "argument --formats: invalid choice: 'tflite'"),
+    (["CKPT", "--out", "/proc/no/such/dir"], "cannot write into /proc/no/such/dir"),
+])
+def test_export_rejects_bad_input_in_one_line(smoke_run, argv, message, capsys):
+    argv = [os.path.join(smoke_run, "ckpt_0002.pt") if a == "CKPT" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        export.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_export_of_a_foreign_file_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(3)}, bad)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        export.main([str(bad), "--out", str(out)])
+    assert e.value.code == 2 and "is not a checkpoint of this project" in capsys.readouterr().err
+    assert not out.exists()  # checked before anything is written
+
+
+def test_export_interrupted_leaves_no_partial_file(smoke_run, tmp_path, monkeypatch):
+    """A failure while writing policy.c leaves the files already renamed whole, and no half-written one."""
+    def broken(model, header):
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle
+    monkeypatch.setattr(export, "c_source", broken)
+    with pytest.raises(KeyboardInterrupt):
+        export.main([os.path.join(smoke_run, "ckpt_0002.pt"), "--out", str(tmp_path), "--formats", "torch", "c"])
+    assert sorted(os.listdir(tmp_path)) == ["policy.h", "policy.pt2"]
 
 
 # ---------------------------------------------------------------- each stage alone

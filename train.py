@@ -144,7 +144,7 @@ def load_checkpoint(path):
 def save_checkpoint(path, policy, optimizer, iteration, elapsed_s, cfg, env):
     """Atomic: a temporary file, flushed to disk, renamed over the target; a crash mid-save leaves the old file."""
     state = {"iteration": iteration, "elapsed_s": elapsed_s, "config": dataclasses.asdict(cfg),
-             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "task": dataclasses.asdict(env.cfg),
              "rng": {"torch": torch.get_rng_state(), "env": env.generator.get_state(),
                      "cuda": torch.cuda.get_rng_state() if str(cfg.device).startswith("cuda") else None}}
     with open(path + ".tmp", "wb") as f:
