@@ -2,31 +2,19 @@
 
     rollout -> storage -> PPO loss -> backward -> [Adam step: theta overwritten in place] -> next rollout
 
-All parameters of the network live in ONE flat buffer `theta` of N floats, and
-their gradients in one flat buffer `g`: every `p.data` and `p.grad` is a view into
-them. Adam's two moment estimates `m` and `v` are flat buffers of the same size.
-So the optimizer's whole memory is exactly four vectors of N floats (4 * N * 4 bytes),
-and one step is a handful of vector operations over N, not a Python loop over tensors.
+All parameters live in ONE flat buffer `theta` of N floats and their gradients in one flat buffer `g` (every
+`p.data` and `p.grad` is a view into them); the moments `m` and `v` are flat buffers of the same size. So the
+optimizer's whole memory is four vectors of N floats, and a step is a few vector ops, not a loop over tensors.
 
-Why m and v (plain gradient descent vs Adam):
-
-    plain gradient descent    theta <- theta - lr * g            one lr for every weight; a noisy
-                                                                 or badly scaled g makes it jump
+    plain gradient descent    theta <- theta - lr * g            one lr for every weight
     Adam                      m <- b1*m + (1-b1)*g               direction: running mean of g
                               v <- b2*v + (1-b2)*g^2             scale: running mean of g^2
                               theta <- theta - lr * m_hat / (sqrt(v_hat) + eps)
 
-Dividing by sqrt(v) gives each weight its own step size: a weight with large,
-noisy gradients takes small steps, one with small, consistent gradients takes
-steps of about lr. Averaging into m smooths the noise of single minibatches
-(PPO's gradients are noisy: they come from sampled returns). m and v start at 0,
-so early averages are biased toward 0; dividing by (1 - b^t) removes that bias
-(Kingma & Ba, 2015, Algorithm 1). eps is added after the bias correction, as
-torch.optim.Adam does.
-
-The update writes into `theta` in place: the policy's parameters keep their
-storage (same data_ptr) across steps, so the next rollout uses the new weights
-without any copy.
+Dividing by sqrt(v) gives each weight its own step size (large, noisy gradients take small steps); m smooths
+the noise of single minibatches. m and v start at 0, so early averages lean toward 0: m_hat = m / (1 - b1^t)
+and v_hat = v / (1 - b2^t) remove that bias (Kingma & Ba, 2015). theta is written in place: the policy's
+parameters keep their storage, so the next rollout uses the new weights without a copy.
 """
 import math
 
@@ -34,7 +22,7 @@ import torch
 
 
 class Adam:
-    def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("Adam got no parameters that require grad")
@@ -43,7 +31,6 @@ class Adam:
         self.param_groups = [{"params": self.params, "lr": lr}]
         self.beta1, self.beta2 = betas
         self.eps = eps
-        self.weight_decay = weight_decay  # L2 penalty added to g, as torch.optim.Adam (not AdamW)
         self.t = 0  # number of steps taken; a Python int, so the bias corrections need no sync
 
         p0 = self.params[0]
@@ -73,10 +60,8 @@ class Adam:
             raise RuntimeError("parameter .grad no longer points into Adam's flat gradient: "
                                "call this optimizer's zero_grad(), not model.zero_grad()")
         self.t += 1
-        g = self.g if self.weight_decay == 0 else self.g.add(self.theta, alpha=self.weight_decay)
-
-        self.m.lerp_(g, 1 - self.beta1)  # m = b1*m + (1-b1)*g
-        self.v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)  # v = b2*v + (1-b2)*g^2
+        self.m.lerp_(self.g, 1 - self.beta1)  # m = b1*m + (1-b1)*g
+        self.v.mul_(self.beta2).addcmul_(self.g, self.g, value=1 - self.beta2)  # v = b2*v + (1-b2)*g^2
 
         # Bias correction: m_hat = m / (1 - b1^t),  v_hat = v / (1 - b2^t).
         bias1 = 1 - self.beta1 ** self.t
@@ -93,8 +78,7 @@ class Adam:
                 ("gradients (g)", self.g), ("Adam m", self.m), ("Adam v", self.v))}
 
     def state_dict(self):
-        return {"lr": self.param_groups[0]["lr"], "betas": (self.beta1, self.beta2), "eps": self.eps,
-                "weight_decay": self.weight_decay, "t": self.t,
+        return {"lr": self.param_groups[0]["lr"], "betas": (self.beta1, self.beta2), "eps": self.eps, "t": self.t,
                 "m": self.m.clone(), "v": self.v.clone()}
 
     def load_state_dict(self, state):
@@ -108,4 +92,3 @@ class Adam:
         self.param_groups[0]["lr"] = lr.to(self.theta.device) if torch.is_tensor(lr) else lr
         self.beta1, self.beta2 = state["betas"]
         self.eps = state["eps"]
-        self.weight_decay = state["weight_decay"]

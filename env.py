@@ -1,20 +1,15 @@
-"""Crazyflie hover task on the Genesis simulator: N drones stepped as one batch.
+"""Crazyflie hover task on the Genesis simulator: N drones stepped as one batch (the rollout stage).
 
-Place in the PPO loop: this is the *rollout* stage. The policy turns `obs` into `actions`, `step(actions)` advances
-every env by one 100 Hz control step and returns the next `obs`, the `reward`, the `done` flags and an `info` dict
-that the storage keeps; PPO loss, backward, the Adam step and the in-place overwrite of θ follow, then the next
-rollout calls `step` again. Finished envs are reset inside `step`, so the loop never stops.
+    policy.act(obs) -> [env.step(actions): one 100 Hz control step of all N drones] -> storage -> PPO -> Adam
 
-Shapes (N = num_envs, all tensors on the env device):
-    step(actions [N, 4] float32 in [-1, 1]) -> obs [N, 17], reward [N], done [N] bool, info
-    reset() -> obs [N, 17]
-    obs = clip((target - pos) / 3)  (3) | base quaternion w,x,y,z (4) | clip(body linear velocity / 3) (3)
+    step(actions [N, 4] float32 in [-1, 1]) -> obs [N, 17], reward [N], done [N] bool, info (see step)
+    obs = clip((target - pos) / 3) (3) | quaternion w,x,y,z (4) | clip(body linear velocity / 3) (3)
           | clip(body angular velocity / pi) (3) | actions applied this step (4)
 
-The task matches Genesis's examples/drone/hover_env.py (same scene, action map, observation scales, rewards and
-terminations), so returns compare with it; the deliberate differences are noted where they occur. This is the only
-file that imports genesis. `step` never reads a tensor back to the host except for one optional check of the actions
-(see `check_actions`): resets go through Genesis setters that take a boolean env mask, everything else is torch.where.
+Finished drones are reset inside `step`, so the loop never stops. The task is Genesis's
+examples/drone/hover_env.py (same scene, action map, observation scales, rewards and terminations); the
+deliberate differences are noted where they occur. The only file that imports genesis. `step` reads nothing
+back to the host (but for one optional check of the actions): resets take a boolean env mask.
 """
 from dataclasses import dataclass
 
@@ -48,33 +43,27 @@ class HoverConfig:
     yaw_lambda: float = -10.0
     reward_angular: float = -2e-4 / 3.14159  # spin: |body angular velocity| [rad/s] (the example's -2e-4 per pi rad/s)
     reward_crash: float = -10.0  # 1 on the step the drone crashes
-    random_episode_start: bool = False  # reset() draws episode counters in [0, 1500) so time-outs spread out
     # Viewer / recording camera (only used when show_viewer or record_camera).
     camera_pos: tuple = (3.5, 0.0, 2.5)
     camera_lookat: tuple = (0.0, 0.0, 0.5)
     camera_fov: float = 30.0
 
 
-_genesis_device = None  # Genesis can be initialised once per process; every HoverEnv must use its backend.
-
-
 def _init_genesis(device: torch.device) -> torch.device:
-    global _genesis_device
+    """Genesis runs one backend per process: start it on `device`, or check that it already runs there."""
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:K]', got '{device}'")
-    if _genesis_device is None:
-        if not gs._initialized:  # (someone else may have initialised it already: then adopt its device)
-            if device.type == "cuda" and device.index is not None:
-                torch.cuda.set_device(device.index)  # Genesis runs on the current CUDA device
-            # No `seed=` here: gs.init would reseed the global torch/numpy/random RNGs under the trainer's feet.
-            backend = gs.cpu if device.type == "cpu" else gs.gpu
-            # "error": the kernel compiler's and the asset loader's warnings do not concern this task.
-            gs.init(backend=backend, precision="32", logging_level="error", performance_mode=True)
-        _genesis_device = gs.device
-    if device.type != _genesis_device.type or device.index not in (None, _genesis_device.index):
-        raise RuntimeError(f"Genesis is already initialised on '{_genesis_device}' in this process; "
+    if not gs._initialized:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device.index)  # Genesis runs on the current CUDA device
+        # No `seed=`: gs.init would reseed the global torch/numpy/random RNGs under the trainer's feet. "error":
+        # the kernel compiler's and the asset loader's warnings do not concern this task.
+        gs.init(backend=gs.cpu if device.type == "cpu" else gs.gpu, precision="32", logging_level="error",
+                performance_mode=True)
+    if device.type != gs.device.type or device.index not in (None, gs.device.index):
+        raise RuntimeError(f"Genesis is already initialised on '{gs.device}' in this process; "
                            f"cannot create a HoverEnv on '{device}' (one backend per process)")
-    return _genesis_device
+    return gs.device
 
 
 def quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -100,9 +89,7 @@ class HoverEnv:
         self.num_envs, self.cfg, self.dt = num_envs, cfg, cfg.dt
         self.device = _init_genesis(torch.device(device))
         self.max_episode_length = round(cfg.episode_length_s / cfg.dt)  # 1500 (ceil would give 1501 in floats)
-        # Checking actions for NaN/inf reads one bool back to the host: the only sync in `step`. Turn it off in
-        # production runs once the policy is known to be sane.
-        self.check_actions = check_actions
+        self.check_actions = check_actions  # NaN/inf in the actions: one bool read back, the only sync in step
         self.generator = torch.Generator(device=self.device).manual_seed(seed)  # targets/episode starts only
 
         visual = show_viewer or record_camera
@@ -160,8 +147,9 @@ class HoverEnv:
         if self.target_marker is not None:
             self.target_marker.set_pos(self.target_pos, zero_velocity=False)
 
-    def reset(self, random_episode_start: bool | None = None) -> torch.Tensor:
-        """Reset all envs; returns obs [N, 17]."""
+    def reset(self, random_episode_start: bool = False) -> torch.Tensor:
+        """Reset all envs; returns obs [N, 17]. random_episode_start: episode counters drawn in [0, 1500), so
+        that the first time-outs spread out."""
         N, dev = self.num_envs, self.device
         self.drone.set_qpos(self._init_qpos, zero_velocity=True)
         self.base_pos = self._init_qpos[:, :3].clone()
@@ -169,7 +157,7 @@ class HoverEnv:
         self.last_actions.zero_()
         self._sums = torch.zeros((), device=dev)
         self.episode_length.zero_()
-        if self.cfg.random_episode_start if random_episode_start is None else random_episode_start:
+        if random_episode_start:
             self.episode_length = torch.randint(0, self.max_episode_length, (N,), dtype=torch.int32, device=dev,
                                                 generator=self.generator)
         self._show_targets()
@@ -178,28 +166,22 @@ class HoverEnv:
         return obs
 
     def _check(self, actions):
-        N = self.num_envs
-        if not isinstance(actions, torch.Tensor):
-            raise TypeError(f"actions must be a torch.Tensor, got {type(actions).__name__}")
-        if actions.shape != (N, self.num_actions):
-            raise ValueError(f"actions must have shape ({N}, {self.num_actions}), got {tuple(actions.shape)}")
-        if actions.dtype != torch.float32:
-            raise TypeError(f"actions must be float32, got {actions.dtype}")
-        if actions.device != self.device:
-            raise ValueError(f"actions must be on {self.device}, got {actions.device}")
+        expected = (self.num_envs, self.num_actions)
+        if not (isinstance(actions, torch.Tensor) and actions.shape == expected and actions.dtype == torch.float32
+                and actions.device == self.device):
+            got = (f"{tuple(actions.shape)} {actions.dtype} on {actions.device}" if isinstance(actions, torch.Tensor)
+                   else type(actions).__name__)
+            raise ValueError(f"actions must be a float32 tensor of shape {expected} on {self.device}, got {got}")
         if self.check_actions and not torch.isfinite(actions).all():  # the one host sync (see __init__)
             raise ValueError("actions contain NaN or inf")
 
     def step(self, actions: torch.Tensor):
         """Advance all envs by dt; reset the finished ones. Returns obs [N, 17], reward [N], done [N] bool, info:
-        time_outs [N] bool   episode truncated at max_episode_length (the trainer bootstraps these from final_obs)
+        time_outs [N] bool   truncated at max_episode_length (the trainer bootstraps these from final_obs)
         final_obs [N, 17]    observation before the reset (equals obs where not done)
-        nonfinite [N] bool   physics state went NaN/inf: such an env ends with done=True, crashed=False,
-                             time_outs=False and zero reward (a termination: nothing to bootstrap from)
-        episode              dict of [N] float32 sums over the episode: return, length (steps taken), targets
-                             (reached), reward_<term> per term; crashed [N] bool. Where done: the finished
-                             episode's totals; elsewhere: the running sums of the episode so far.
-        """
+        nonfinite [N] bool   physics went NaN/inf: ends the episode, not as a crash, with zero reward
+        episode              [N] sums over the episode: return, length (steps), targets (reached), reward_<term>;
+                             crashed [N] bool. Where done, the finished episode's; elsewhere, the running ones."""
         self._check(actions)
         cfg = self.cfg
         a = actions.clamp(-1.0, 1.0)  # [N, 4]
@@ -271,10 +253,8 @@ class HoverEnv:
 
 class EpisodeStats:
     """Sums over finished episodes, kept on the device (no sync per step); train.py and eval.py count with it."""
-    KEYS = ("count", "return", "length", "targets", "crashed")
-
     def __init__(self, device):
-        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # count, return, length, targets, crashed
 
     def add(self, done, episode):  # done [N] bool: which episodes to count; episode: env.step's per-episode sums
         d = done.double()

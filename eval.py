@@ -3,16 +3,15 @@
     python eval.py runs/<run>/ckpt_0250.pt                    256 drones x 30 s, the deterministic policy
     python eval.py CKPT --drones 1024 --seconds 60            the size of the figures in README.md
     python eval.py CKPT --noise                               flown with the training policy's action noise
-    python eval.py CKPT --video                               also an mp4 of drone 0 (rendered off-screen)
-    python eval.py CKPT --viewer                              in Genesis's viewer (needs a display)
+    python eval.py CKPT --video | --viewer                    an mp4 of drone 0 | Genesis's viewer (a display)
 
-It prints targets reached per drone-minute (a target counts when the drone comes within 0.1 m of it; a new
-one is drawn), crashes per drone-minute and the mean and 95th-percentile distance to the current target,
-counted over every step flown with training's own episode bookkeeping (env.EpisodeStats). It writes
-<ckpt>_flight.png (one drone's position and target against time, and the distance to target) and the
-run's learning_curve.png (from its metrics.jsonl) when matplotlib is importable.
+Prints targets reached (within 0.1 m; a new one is then drawn) and crashes per drone-minute, counted over
+every step flown with training's own episode bookkeeping (env.EpisodeStats), and the mean and 95th-percentile
+distance to the current target. Writes <ckpt>_flight.png (one drone's position and target against time, and
+the distance to target) and the run's learning_curve.png (from its metrics.jsonl), with matplotlib.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -36,7 +35,6 @@ def parse_args(argv=None):
     p.add_argument("--drones", type=int, default=256, help="drones flown at once (default 256)")
     p.add_argument("--seconds", type=float, default=30.0, help="simulated seconds of flight (default 30)")
     p.add_argument("--noise", action="store_true", help="sample actions as in training instead of the mean")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: CUDA if torch sees it)")
     p.add_argument("--video", action="store_true", help="save <ckpt>_flight.mp4 of drone 0")
     p.add_argument("--viewer", action="store_true", help="open Genesis's interactive viewer")
     args = p.parse_args(argv)
@@ -45,15 +43,12 @@ def parse_args(argv=None):
     if args.viewer and sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
                                                                or os.environ.get("WAYLAND_DISPLAY")):
         fail("--viewer needs a display and none was found (DISPLAY is unset): use --video to save an mp4 instead")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {args.device} asked for, but torch sees no CUDA device: use --device cpu")
     return args
 
 
 def fly(policy, env, steps, noise):
-    """Fly all drones for `steps` steps from a fresh reset. Returns the EpisodeStats figures, the distance to
-    target of every drone at every step [steps, N] and drone 0's position and target [steps, 6]."""
+    """Fly all drones `steps` steps from a reset. Returns the EpisodeStats figures of the episodes that ended and of
+    all flight, the distance to target of every drone [steps, N], drone 0's position and target [steps, 6]."""
     from env import EpisodeStats
     episodes = EpisodeStats(env.device)
     distance = torch.zeros(steps, env.num_envs, device=env.device)
@@ -66,8 +61,9 @@ def fly(policy, env, steps, noise):
             distance[t] = torch.linalg.vector_norm(env.target_pos - env.base_pos, dim=-1)
             trace[t] = torch.cat([env.base_pos[0], env.target_pos[0]])
             trace[t, :3].masked_fill_(done[0], float("nan"))  # a gap in the line where an episode ended
-    episodes.add(~done, info["episode"])  # the episodes still flying: their sums so far
-    return episodes.read(env.dt), distance.cpu().numpy(), trace.cpu().numpy()
+    everything = copy.deepcopy(episodes)
+    everything.add(~done, info["episode"])  # the episodes still flying: their sums so far
+    return episodes.read(env.dt), everything.read(env.dt), distance.cpu().numpy(), trace.cpu().numpy()
 
 
 def plot_flight(trace, distance, dt, path, seconds=10):
@@ -78,15 +74,12 @@ def plot_flight(trace, distance, dt, path, seconds=10):
     for i, (axis, color) in enumerate(zip("xyz", ("C0", "C1", "C2"))):
         top.plot(t, trace[:, i], color=color, label=f"drone {axis}")
         top.plot(t, trace[:, 3 + i], color=color, ls="--", lw=1, label=f"target {axis}")
-    top.set_ylabel("position (m)")
-    top.set_ylim(-1.4, 1.9)
+    top.set(ylabel="position (m)", ylim=(-1.4, 1.9), title="drone 0 and its targets (a new one is drawn within 0.1 m)")
     top.legend(ncol=6, fontsize=8, loc="upper center")
-    top.set_title("drone 0 and its targets (a new target is drawn when it comes within 0.1 m)")
     bottom.plot(t, distance[:, 0], label="drone 0")
     bottom.plot(t, np.median(distance, axis=1), color="gray", lw=1, label=f"median of {distance.shape[1]} drones")
     bottom.axhline(0.1, color="k", ls=":", lw=1, label="0.1 m: target reached")
-    bottom.set_yscale("log")
-    bottom.set_xlabel("time (s)"), bottom.set_ylabel("distance to target (m)")
+    bottom.set(yscale="log", xlabel="time (s)", ylabel="distance to target (m)")
     bottom.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -97,13 +90,11 @@ def plot_learning_curve(run_dir):
     import matplotlib.pyplot as plt
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         by_iteration = {r["iteration"]: r for r in map(json.loads, f)}  # after a resume, the newest row wins
-    rows = [by_iteration[k] for k in sorted(by_iteration) if "targets_per_drone_min" in by_iteration[k]]
-    minutes = [r["elapsed_s"] / 60 for r in rows]
+    rows = [r for _, r in sorted(by_iteration.items()) if r["episodes"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key in zip(axes, ("targets_per_drone_min", "crashes_per_drone_min")):
-        ax.plot(minutes, [r[key] for r in rows])
-        ax.set_xlabel("minutes of training")
-        ax.set_title(key.replace("_", " ").replace("drone min", "drone-minute") + " (training policy)")
+        ax.plot([r["elapsed_s"] / 60 for r in rows], [r[key] for r in rows])
+        ax.set(xlabel="minutes of training", title=key.replace("_", " ").replace("drone min", "drone-minute"))
         ax.grid(alpha=0.3)
     axes[1].set_yscale("symlog", linthresh=0.01)  # from ~100 at the start down to the 0.01 that matters
     fig.tight_layout()
@@ -118,8 +109,8 @@ def main(argv=None):
     except ValueError as e:
         fail(e)
     from env import HoverEnv  # genesis starts only after the arguments were checked
-    env = HoverEnv(args.drones, device=args.device, seed=cfg.seed + 10_000, show_viewer=args.viewer,
-                   record_camera=args.video)
+    env = HoverEnv(args.drones, device="cuda" if torch.cuda.is_available() else "cpu", seed=cfg.seed + 10_000,
+                   show_viewer=args.viewer, record_camera=args.video)
     policy = ActorCritic(env.num_obs, env.num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs)
     policy.load_state_dict(ckpt["policy"])
     policy.to(env.device)
@@ -128,16 +119,17 @@ def main(argv=None):
         env.camera.start_recording(save_to_filename=stem + "_flight.mp4", fps=50)
     torch.manual_seed(cfg.seed + 10_000)  # the action noise of --noise
     steps = round(args.seconds / env.dt)
-    figures, distance, trace = fly(policy, env, steps, args.noise)
+    ended, flown, distance, trace = fly(policy, env, steps, args.noise)
     if args.video:
         env.camera.stop_recording()
     minutes = args.drones * steps * env.dt / 60
     report = {"checkpoint": args.checkpoint, "iteration": ckpt["iteration"], "drones": args.drones,
               "seconds": steps * env.dt, "policy": "with action noise" if args.noise else "deterministic",
-              "targets_per_drone_min": figures["targets_per_drone_min"],
-              "crashes_per_drone_min": figures["crashes_per_drone_min"],
-              "crashes": round(figures["crashes_per_drone_min"] * minutes), "drone_minutes": minutes,
-              "mean_distance_m": float(distance.mean()), "p95_distance_m": float(np.percentile(distance, 95))}
+              "targets_per_drone_min": flown["targets_per_drone_min"],
+              "crashes_per_drone_min": flown["crashes_per_drone_min"],
+              "crashes": round(flown["crashes_per_drone_min"] * minutes), "drone_minutes": minutes,
+              "mean_distance_m": float(distance.mean()), "p95_distance_m": float(np.percentile(distance, 95)),
+              "episodes_ended": ended["episodes"], "mean_episode_length_s": ended.get("episode_length", 0) * env.dt}
     for k, v in report.items():
         print(f"  {k:<22s} {v:.3f}" if isinstance(v, float) else f"  {k:<22s} {v}")
     try:

@@ -2,20 +2,15 @@
 
     [rollout: act on obs of all N envs at once] -> storage -> [PPO loss: evaluate] -> backward -> Adam -> ...
 
-There is ONE network. The N parallel environments do not own copies of it: their
-observations are stacked into one batch [N, obs] and the network answers all of
-them in a single forward pass. Training updates this one set of weights, in place.
+The N environments do not own copies of the network: their observations are one batch [N, obs] and one
+forward pass answers all of them. Training updates this one set of weights, in place.
 
     actor   obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> action mean [B, act]
     critic  obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> value       [B]
-    std     a learnable vector [act], independent of the observation
+    std     a learnable vector [act] (not its log, as in rsl_rl): a ~ N(mean, std^2), dims independent
 
-The policy is a Gaussian with independent action dimensions: a ~ N(mean, std^2).
-For the drone (obs 17, actions 4) that is 19,332 actor + 18,945 critic = 38,277
-weights (about 153 KB in float32), plus 4 for the std.
-
-The std is learned directly (not its log), as rsl_rl's ActorCritic does, so that
-training dynamics match the Genesis hover example trained with rsl_rl.
+For the drone (obs 17, actions 4): 19,332 actor + 18,945 critic = 38,277 weights (153 KB in float32) + 4 std.
+An optional running normalizer of the observations sits in front; its statistics are saved with the weights.
 """
 import math
 from typing import NamedTuple
@@ -50,18 +45,13 @@ class Tanh(nn.Module):
         return _TanhViaSigmoid.apply(x) if x.device.type == "cpu" else torch.tanh(x)
 
 
-def mlp(sizes):  # Linear, Tanh, ..., Linear
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(Tanh())
-    return nn.Sequential(*layers)
+def mlp(sizes):  # Linear, Tanh, Linear, Tanh, ..., Linear
+    layers = [layer for n_in, n_out in zip(sizes, sizes[1:]) for layer in (nn.Linear(n_in, n_out), Tanh())]
+    return nn.Sequential(*layers[:-1])
 
 
 class RunningNorm(nn.Module):
-    """Running mean/variance of observations (Chan et al. parallel update), stored as buffers
-    so they are saved and exported with the policy."""
+    """Running mean/variance of observations (Chan et al.'s parallel merge), as buffers saved with the policy."""
 
     def __init__(self, num_obs, eps=1e-8):
         super().__init__()
@@ -72,9 +62,8 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, obs, all_sum=None):
-        """Merge the moments of obs [B, obs] into the running ones. With data-parallel workers, all_sum(t)
-        sums t over them in place: every worker then merges the same global batch and the statistics stay
-        identical everywhere. Sums in float64: x^2 of a quaternion's w (about 1) must not swamp its variance."""
+        """Merge the moments of obs [B, obs] into the running ones; all_sum(t) sums t over data-parallel workers, so
+        all merge the same global batch. float64: x^2 of a quaternion's w (about 1) must not swamp its variance."""
         x = obs.double()
         moments = torch.cat((x.new_tensor([x.shape[0]]), x.sum(0), x.square().sum(0)))  # [1 + 2 obs]
         if all_sum is not None:

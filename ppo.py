@@ -2,19 +2,13 @@
 
     rollout -> storage -> [PPO loss -> backward -> optimizer step] x epochs x minibatches -> next rollout
 
-`ppo_loss` is a pure function of tensors (test it by hand). `update` runs the epochs x minibatches
-loop: forward, KL-adapted learning rate, loss, backward, gradient averaged over data-parallel workers
-(if any), global gradient clipping, optimizer step. Every figure it returns stays a tensor on the
-device, so the loop never waits for the host; the trainer reads them once per iteration.
-
-This file imports only torch. What it needs from the other stages, by name:
+`ppo_loss` is a pure function of tensors. `update` runs the loop: forward, KL-adapted learning rate, loss,
+backward, gradient averaged over data-parallel workers (if any), clipping, optimizer step; its figures stay
+on the device (no host sync). Imports only torch and needs of the other stages only these names:
     policy.evaluate(obs, actions)  fields log_prob, entropy, value [B] and mean, std [B, act]
-    optimizer                      zero_grad(), step(), param_groups[i]["lr"]: any torch.optim optimizer,
-                                   or adam.Adam
+    optimizer                      zero_grad(), step(), param_groups[i]["lr"]: adam.Adam or a torch.optim one
     each minibatch                 the fields of storage.Batch
-
-Defaults are the Genesis hover example's (rsl_rl PPO): Schulman et al., 2017, "Proximal Policy
-Optimization Algorithms", with rsl_rl's clipped value loss and KL-adaptive learning rate.
+Defaults are the Genesis hover example's (rsl_rl's PPO, with its clipped value loss and adaptive lr).
 """
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -35,8 +29,7 @@ class PPOConfig:
     num_epochs: int = _setting(5, "passes over the rollout per update")
     num_minibatches: int = _setting(4, "minibatches per pass; each holds 1/num_minibatches of the rollout")
     learning_rate: float = _setting(3e-4, "initial learning rate; then adapted to the KL when adaptive_lr")
-    adaptive_lr: bool = _setting(True, "rsl_rl's schedule: lr / 1.5 when the KL is over 2 desired_kl, "
-                                       "lr * 1.5 when under desired_kl / 2")
+    adaptive_lr: bool = _setting(True, "rsl_rl's schedule: lr / 1.5 when KL > 2 desired_kl, lr * 1.5 when < half")
     desired_kl: float = _setting(0.01, "target KL(rollout policy || current policy) per minibatch")
     lr_min: float = _setting(1e-5, "lower bound of the adaptive learning rate (rsl_rl's)")
     lr_max: float = _setting(1e-2, "upper bound of the adaptive learning rate (rsl_rl's)")
@@ -111,11 +104,6 @@ def clip_grad_norm_(grads, max_norm):
     return norm
 
 
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:  # an optimizer built with a float lr gets a float: one host sync
-        group["lr"] = lr if torch.is_tensor(group["lr"]) else lr.item()
-
-
 def update(policy, optimizer, batches, cfg, average=None):
     """One PPO update over an iterable of minibatches. Returns a dict of 0-dim tensors (means over minibatches,
     and the lr at the end).
@@ -135,7 +123,8 @@ def update(policy, optimizer, batches, cfg, average=None):
                 kl = average(kl)
             if cfg.adaptive_lr:
                 lr = adapt_lr(lr, kl, cfg)
-                set_lr(optimizer, lr)
+                for group in optimizer.param_groups:  # an optimizer built with a float lr gets a float: a sync
+                    group["lr"] = lr if torch.is_tensor(group["lr"]) else lr.item()
         loss = ppo_loss(out.log_prob, b.log_probs, b.advantages, out.value, b.values, b.returns, out.entropy,
                         cfg.clip, cfg.value_coef, cfg.entropy_coef, cfg.clip_value_loss)
         optimizer.zero_grad()

@@ -2,23 +2,15 @@
 
     rollout -> [storage: add() each step, GAE at the end, minibatches] -> PPO loss -> backward -> Adam -> ...
 
-Every buffer is preallocated once as [T, N, ...] on the policy's device (the GPU when
-there is one), so a rollout never allocates and never leaves the device. After T steps:
+Every buffer is preallocated once as [T, N, ...] on the policy's device, so a rollout never allocates and
+never leaves the device. compute_returns() runs GAE(lambda) backward over T only (all N envs are one vector
+operation per step); minibatches() reshuffles the T*N samples every epoch and cuts them into equal parts.
 
-    compute_returns(last_values)  GAE(lambda) advantages and returns, a backward loop over T
-                                  only; all N envs are one vector operation per step
-    minibatches(epochs, count)    the T*N samples, reshuffled every epoch, cut into equal
-                                  minibatches; each sample is visited exactly once per epoch
-
-Episode ends. A terminated transition (the drone crashed) has no future: the bootstrap
-is cut. A time-out (truncated at 15 s) is not a real end -- the drone could have flown
-on -- so its return is bootstrapped with the critic's value of the observation the
-episode ended in (the env's pre-reset observation, kept in `final_obs`), not cut to
-zero (Pardo et al., 2018, "Time Limits in Reinforcement Learning"). In both cases the
-GAE recursion stops there: the next stored step belongs to a new episode. rsl_rl
-approximates the final value by V(s_t) of the step before; here it is exact, and
-cheap: time-outs are rare (one step in 1500 per env), so after the rollout the trainer
-runs the critic on just those observations, `timed_out_obs()`, once.
+Episode ends. After a crash (a termination) the bootstrap is cut. A time-out (truncated at 15 s) is not a
+real end, so its return is bootstrapped with the critic's value of the observation the episode ended in (the
+env's pre-reset `final_obs`; Pardo et al., 2018, "Time Limits in Reinforcement Learning"). rsl_rl uses
+V(s_t) of the step before instead; this is exact, and cheap: time-outs are rare, so the trainer runs the
+critic once per rollout on just their observations, `timed_out_obs()`.
 """
 from typing import NamedTuple
 
@@ -57,8 +49,7 @@ class RolloutStorage:
         self.step = 0
 
     def add(self, *, obs, actions, rewards, dones, time_outs, final_obs, values, log_probs, mean, std):
-        """Write one step of all N envs in place; each field [N] or [N, dim], by name (two [N] fields
-        swapped would otherwise pass silently)."""
+        """Write one step of all N envs in place; each field [N] or [N, dim], given by name."""
         if self.step >= self.num_steps:
             raise RuntimeError("rollout storage is full: call clear() after the update")
         fields = dict(obs=obs, actions=actions, rewards=rewards, dones=dones, time_outs=time_outs,

@@ -1,13 +1,12 @@
-"""Data-parallel training: several processes (workers), each with its own drones and a full copy of the network.
+"""Data-parallel training: several processes (workers), each with its own drones and a copy of the network.
 
-    every worker: rollout of its own N drones -> storage -> PPO loss -> backward
+    every worker: rollout of its own drones -> storage -> PPO loss -> backward
                   -> [gradient averaged over all workers: one all-reduce] -> the same Adam step everywhere
 
-The global batch is workers x num_envs x num_steps. The workers start from rank 0's weights and average
-every gradient (and the KL that sets the learning rate, the advantage statistics and the observation
-normalizer's moments), so theta, m and v stay bit-identical on every worker. One process per GPU under
-torchrun (NCCL), or `train.py --workers N` on one machine's CPU cores (gloo): on a CPU, Genesis steps a
-scene on one thread, so N workers keep N cores busy. With one process, nothing here does anything.
+The global batch is workers x num_envs x num_steps. Workers start from rank 0's weights and average every
+gradient (and the KL, the advantage statistics and the normalizer's moments), so theta, m and v stay
+bit-identical everywhere. One process per GPU under torchrun (NCCL), or `train.py --workers N` on CPU cores
+(gloo): Genesis steps a CPU scene on one thread, so N workers keep N cores busy. Also: stopping on a signal.
 """
 import datetime
 import os
@@ -57,10 +56,9 @@ class Workers:
 
 
 def launch(num_workers, command):
-    """Run `command` (this script with its flags) as num_workers data-parallel workers on this machine, as
-    torchrun would; wait for them and exit with their status. If one fails, the others are stopped (they
-    would wait for it at the next all-reduce). The workers run in a session of their own, so that a Ctrl-C
-    or SIGTERM reaches each of them once, from here: they finish the iteration, save and stop."""
+    """Run `command` as num_workers data-parallel workers on this machine, as torchrun would; exit with their
+    status. If one fails, the others are stopped (they would wait for it at the next all-reduce). They run in a
+    session of their own, so a Ctrl-C or SIGTERM reaches each once, from here: they finish the iteration, save."""
     with socket.socket() as s:  # a free port for the workers to meet on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
