@@ -36,10 +36,7 @@ class Workers:
                                     timeout=datetime.timedelta(seconds=self.TIMEOUT_S))
 
     def average(self, t):  # in place: t becomes its mean over all workers
-        if self.world > 1:
-            dist.all_reduce(t)
-            t.div_(self.world)
-        return t
+        return self.sum(t).div_(self.world) if self.world > 1 else t
 
     def sum(self, t):  # in place: t becomes its sum over all workers
         if self.world > 1:
