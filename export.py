@@ -29,7 +29,7 @@ import warnings
 import torch
 
 from policy import ActorCritic
-from train import load_checkpoint
+from train import load_checkpoint, write_atomically
 
 STM32F405 = {"flash": 1024 * 1024, "ram": 192 * 1024, "mhz": 168}  # the Crazyflie 2.1's microcontroller
 FORMATS = ("torch", "onnx", "c")
@@ -56,16 +56,6 @@ class DeployedPolicy(torch.nn.Module):
         for linear in self.linears[:-1]:
             h = torch.tanh(linear(h))
         return self.linears[-1](h).clamp(-1.0, 1.0)
-
-
-def write_atomically(path, write):  # write(tmp_path) makes the file; it is renamed to path only when complete
-    tmp = "{0}.tmp{1}".format(*os.path.splitext(path))  # policy.tmp.pt2: torch.export wants the extension
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def c_array(name, t):

@@ -141,17 +141,25 @@ def load_checkpoint(path):
         raise ValueError(f"{path} is not a checkpoint of this project ({type(e).__name__}: {e})"[:300]) from None
 
 
+def write_atomically(path, write):
+    """write(tmp) makes a temporary file, renamed over path once complete and on disk: a crash leaves no half file."""
+    tmp = "{0}.tmp{1}".format(*os.path.splitext(path))  # ckpt_0010.tmp.pt: torch.export wants the extension
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(path, policy, optimizer, iteration, elapsed_s, cfg, env):
-    """Atomic: a temporary file, flushed to disk, renamed over the target; a crash mid-save leaves the old file."""
     state = {"iteration": iteration, "elapsed_s": elapsed_s, "config": dataclasses.asdict(cfg),
              "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "task": dataclasses.asdict(env.cfg),
              "rng": {"torch": torch.get_rng_state(), "env": env.generator.get_state(),
                      "cuda": torch.cuda.get_rng_state() if str(cfg.device).startswith("cuda") else None}}
-    with open(path + ".tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 # -------------------------------------------------------------------------------------------- the loop's parts
