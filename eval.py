@@ -108,9 +108,10 @@ def main(argv=None):
         ckpt, cfg = load_checkpoint(args.checkpoint)
     except ValueError as e:
         fail(e)
-    from env import HoverEnv  # genesis starts only after the arguments were checked
+    from env import HoverConfig, HoverEnv  # genesis starts only after the arguments were checked
+    task = HoverConfig(**ckpt["task"]) if "task" in ckpt else HoverConfig()  # the scales the policy was trained with
     env = HoverEnv(args.drones, device="cuda" if torch.cuda.is_available() else "cpu", seed=cfg.seed + 10_000,
-                   show_viewer=args.viewer, record_camera=args.video)
+                   cfg=task, show_viewer=args.viewer, record_camera=args.video)
     policy = ActorCritic(env.num_obs, env.num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs)
     policy.load_state_dict(ckpt["policy"])
     policy.to(env.device)

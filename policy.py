@@ -11,6 +11,8 @@ forward pass answers all of them. Training updates this one set of weights, in p
 
 For the drone (obs 17, actions 4): 19,332 actor + 18,945 critic = 38,277 weights (153 KB in float32) + 4 std.
 An optional running normalizer of the observations sits in front; its statistics are saved with the weights.
+The actor's last layer starts 100x smaller than PyTorch's default and without bias, so the untrained policy
+commands about the same action (0: hover) for every observation instead of a fixed random bias per output.
 """
 import math
 from typing import NamedTuple
@@ -103,6 +105,9 @@ class ActorCritic(nn.Module):
         self.actor = mlp([num_obs, *hidden, num_actions])
         self.critic = mlp([num_obs, *hidden, 1])
         self.std = nn.Parameter(init_std * torch.ones(num_actions))
+        with torch.no_grad():  # the untrained actor commands about 0 (hover) whatever it sees (EXPERIMENTS.md)
+            self.actor[-1].weight.mul_(0.01)
+            self.actor[-1].bias.zero_()
         # Off by default, as in the Genesis hover example: its observations are already scaled to about [-1, 1].
         self.obs_norm = RunningNorm(num_obs) if normalize_obs else nn.Identity()
 

@@ -181,6 +181,15 @@ def test_policy_act_and_evaluate_agree():
     assert torch.equal(policy.act_deterministic(obs), act.mean)
 
 
+def test_untrained_policy_commands_hover():
+    """The actor's last layer starts 100x smaller, so every drone starts near action 0 (hover), not with a random
+    per-motor bias that flips it; the critic keeps its default scale."""
+    torch.manual_seed(0)
+    policy, obs = ActorCritic(17, 4), torch.randn(1000, 17) * 3
+    assert policy.act_deterministic(obs).abs().max() < 0.02 and torch.equal(policy.actor[-1].bias, torch.zeros(4))
+    assert policy.value(obs).std() > 0.05
+
+
 def test_policy_samples_have_the_learned_std():
     torch.manual_seed(0)
     policy = ActorCritic(17, 4, init_std=0.3)
@@ -565,7 +574,7 @@ def test_observation_matches_genesis_state(env):
     ang_b = (R_T @ env.drone.get_ang()[:, :, None])[..., 0]
     assert torch.allclose(obs[:, 3:7], quat, atol=1e-6)
     assert torch.allclose(obs[:, 7:10], (lin_b / 3).clamp(-1, 1), atol=1e-5)
-    assert torch.allclose(obs[:, 10:13], (ang_b / 3.14159).clamp(-1, 1), atol=1e-5)
+    assert torch.allclose(obs[:, 10:13], (ang_b / 25).clamp(-1, 1), atol=1e-5)  # clipped at 25 rad/s, not pi
     assert torch.equal(obs[:, 13:17], actions)  # the action applied in this step
     assert torch.allclose(obs[:, :3], ((env.target_pos - env.drone.get_pos()) / 3).clamp(-1, 1), atol=1e-6)
     assert torch.allclose(env.base_pos, env.drone.get_pos(), atol=1e-6)
@@ -665,7 +674,7 @@ def test_reward_terms_one_step(env):
     assert torch.allclose(ep["reward_target"], expected, atol=1e-6)
     assert torch.allclose(ep["reward_smooth"], torch.full((N,), -1e-4 * DT * 4 * 0.25))
     assert torch.allclose(ep["reward_yaw"], torch.full((N,), 0.01 * DT), atol=1e-8)  # level start: yaw ~ 0
-    ang = info["final_obs"][:, 10:13] * 3.14159
+    ang = info["final_obs"][:, 10:13] * 25
     assert torch.allclose(ep["reward_angular"], -2e-4 * DT * ang.norm(dim=1) / 3.14159, atol=1e-9)
     assert torch.equal(ep["reward_crash"], torch.zeros(N))
     total = sum(ep[f"reward_{t}"] for t in REWARD_TERMS)
@@ -1055,6 +1064,26 @@ def test_eval_reports_on_a_checkpoint(smoke_run):
     assert os.path.isfile(os.path.join(smoke_run, "learning_curve.png"))
     noisy = evaluation.main([ckpt, "--drones", "8", "--seconds", "2", "--noise"])
     assert noisy["policy"] == "with action noise" and noisy["mean_distance_m"] != report["mean_distance_m"]
+
+
+def test_eval_flies_the_task_the_checkpoint_was_trained_on(smoke_run, tmp_path, monkeypatch):
+    ckpt, _ = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
+    ckpt["task"]["obs_ang_vel_scale"] = 1 / 3.14159  # a policy trained with the Genesis example's scale
+    torch.save(ckpt, tmp_path / "example_scale.pt")
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def record_the_task(*args, cfg, **kwargs):  # stands in for HoverEnv: no scene is built
+        built.append(cfg)
+        raise Built
+
+    import env as env_module
+    monkeypatch.setattr(env_module, "HoverEnv", record_the_task)
+    with pytest.raises(Built):
+        evaluation.main([str(tmp_path / "example_scale.pt")])
+    assert built[0].obs_ang_vel_scale == 1 / 3.14159 and built[0].reward_target == HoverConfig().reward_target
 
 
 @pytest.mark.parametrize("flags, message", [
