@@ -109,7 +109,7 @@ def main(argv=None):
     except ValueError as e:
         fail(e)
     from env import HoverConfig, HoverEnv  # genesis starts only after the arguments were checked
-    task = HoverConfig(**ckpt["task"]) if "task" in ckpt else HoverConfig()  # the scales the policy was trained with
+    task = HoverConfig(**ckpt.get("task", {}))  # the observation scales the policy was trained with
     env = HoverEnv(args.drones, device="cuda" if torch.cuda.is_available() else "cpu", seed=cfg.seed + 10_000,
                    cfg=task, show_viewer=args.viewer, record_camera=args.video)
     policy = ActorCritic(env.num_obs, env.num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs)

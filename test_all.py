@@ -1015,8 +1015,10 @@ def test_train_refuses_to_overwrite_a_run(smoke_run, capsys):
 
 
 def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
-    ckpt_path = os.path.join(smoke_run, "ckpt_0002.pt")
-    saved, _ = train.load_checkpoint(ckpt_path)
+    saved, _ = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
+    saved["task"]["obs_ang_vel_scale"] = 1 / 3.14159  # trained with the Genesis example's scale: resumed with it
+    ckpt_path = os.path.join(smoke_run, "ckpt_0002_example_scale.pt")
+    torch.save(saved, ckpt_path)
     seen, rolled = [], []
     real_update, real_rollout = train.update, train.rollout
 
@@ -1026,10 +1028,11 @@ def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
                          {k: v.clone() for k, v in policy.named_parameters()}))
         return real_update(policy, optimizer, batches, cfg, average)
 
-    def rollout_spy(policy, *args):
+    def rollout_spy(policy, env, *args):
         if not rolled:  # the policy as the first rollout finds it, the observation normalizer's statistics included
             rolled.append({k: v.clone() for k, v in policy.state_dict().items()})
-        return real_rollout(policy, *args)
+            rolled.append(env.cfg)
+        return real_rollout(policy, env, *args)
 
     monkeypatch.setattr(train, "update", spy)
     monkeypatch.setattr(train, "rollout", rollout_spy)
@@ -1040,9 +1043,11 @@ def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
     assert all(torch.equal(weights[k], saved["policy"][k]) for k in weights)
     assert rolled[0].keys() == saved["policy"].keys()
     assert all(torch.equal(rolled[0][k], saved["policy"][k]) for k in rolled[0])
+    assert rolled[1] == HoverConfig(**saved["task"]) and rolled[1].obs_ang_vel_scale == 1 / 3.14159
     with open(os.path.join(smoke_run, "metrics.jsonl")) as f:
         assert [json.loads(line)["iteration"] for line in f] == [1, 2, 3]  # the counter went on
-    assert train.load_checkpoint(os.path.join(smoke_run, "ckpt_0003.pt"))[0]["iteration"] == 3
+    resumed = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0003.pt"))[0]
+    assert resumed["iteration"] == 3 and resumed["task"] == saved["task"]
 
 
 def test_train_resume_rejects_another_network_shape(smoke_run, capsys):

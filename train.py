@@ -190,7 +190,7 @@ def rollout(policy, env, storage, obs, episodes, cfg, workers):
 
 # ---------------------------------------------------------------------------------------------------- training
 def train(cfg, resume=None):
-    from env import EpisodeStats, HoverEnv  # imported here: genesis starts only after the settings were checked
+    from env import EpisodeStats, HoverConfig, HoverEnv  # here: genesis starts only after the settings were checked
 
     workers = dp.Workers()
     say = print if workers.main else (lambda *args, **kwargs: None)
@@ -224,7 +224,8 @@ def train(cfg, resume=None):
         f"building the Genesis scene with {cfg.num_envs} drones (the first build compiles kernels: minutes)")
     cpu_threads(cfg, "rollout")
     # check_actions=False: the per-step NaN check would sync every step; theta is checked once per iteration instead.
-    env = HoverEnv(cfg.num_envs, device=str(device), seed=cfg.seed + workers.rank, check_actions=False)
+    env = HoverEnv(cfg.num_envs, device=str(device), seed=cfg.seed + workers.rank, check_actions=False,
+                   cfg=HoverConfig(**(resume or {}).get("task", {})))  # a resumed run keeps its task's scales
     if resume is not None and workers.main:  # (other workers keep their own seeds)
         torch.set_rng_state(resume["rng"]["torch"])
         env.generator.set_state(resume["rng"]["env"])
