@@ -213,9 +213,13 @@ def bench_workers(num_envs, num_steps, iterations, workers=2):
 
 
 def peak_memory(device):
+    """Host peak RSS; on CUDA, torch's peak allocation (network, Adam, storage, minibatches) and the device
+    memory the whole process holds now (also Genesis's own buffers and the CUDA context, outside torch)."""
     out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.device(device).type == "cuda":
-        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
+        free, total = torch.cuda.mem_get_info()
+        out.update(torch_peak_mb=torch.cuda.max_memory_allocated() / 1e6, process_device_mb=(total - free) / 1e6)
+        torch.cuda.reset_peak_memory_stats()
     return out
 
 
@@ -281,9 +285,9 @@ def main(argv=None):
                 r["workers_ratio_to_floor"] = r["workers_iteration_s"] / r["floor_iteration_s"]
                 line += f"   ratio to the one-process floor {r['workers_ratio_to_floor']:.2f}"
             print(line)
+        r["memory"] = peak_memory(args.device)  # this size's peaks
+        print("  memory (MB): " + "  ".join(f"{k} {v:,.0f}" for k, v in r["memory"].items()))
         del env
-    results["memory"] = peak_memory(args.device)
-    print("  ".join(f"{k} {v:,.0f}" for k, v in results["memory"].items()))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {args.out}")

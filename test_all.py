@@ -1240,6 +1240,7 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
                 "workers_ratio_to_floor"):
         assert r[key] > 0, key
     assert r["workers"] == 2
+    assert r["memory"]["host_peak_rss_mb"] > 0  # per size; on CUDA also torch's peak and the process's device memory
     assert set(results["adam"]) == {"this Adam (flat buffers)", "torch Adam foreach", "torch Adam fused",
                                     "torch Adam for-loop"}
     with open(out) as f:
