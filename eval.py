@@ -112,7 +112,7 @@ def main(argv=None):
     task = HoverConfig(**ckpt.get("task", {}))  # the observation scales the policy was trained with
     env = HoverEnv(args.drones, device="cuda" if torch.cuda.is_available() else "cpu", seed=cfg.seed + 10_000,
                    cfg=task, show_viewer=args.viewer, record_camera=args.video)
-    policy = ActorCritic(env.num_obs, env.num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs)
+    policy = ActorCritic(env.num_obs, env.num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs, cfg.min_std)
     policy.load_state_dict(ckpt["policy"])
     policy.to(env.device)
     stem = os.path.splitext(args.checkpoint)[0]

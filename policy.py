@@ -7,7 +7,8 @@ forward pass answers all of them. Training updates this one set of weights, in p
 
     actor   obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> action mean [B, act]
     critic  obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> value       [B]
-    std     a learnable vector [act] (not its log, as in rsl_rl): a ~ N(mean, std^2), dims independent
+    std     a learnable vector [act] (not its log, as in rsl_rl): a ~ N(mean, std^2), dims independent;
+            used clamped to at least min_std (0: no floor)
 
 For the drone (obs 17, actions 4): 19,332 actor + 18,945 critic = 38,277 weights (153 KB in float32) + 4 std.
 An optional running normalizer of the observations sits in front; its statistics are saved with the weights.
@@ -100,11 +101,12 @@ class EvaluateOutput(NamedTuple):  # policy.evaluate: B stored samples scored by
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, num_obs, num_actions, hidden=(128, 128), init_std=1.0, normalize_obs=False):
+    def __init__(self, num_obs, num_actions, hidden=(128, 128), init_std=1.0, normalize_obs=False, min_std=0.0):
         super().__init__()
         self.actor = mlp([num_obs, *hidden, num_actions])
         self.critic = mlp([num_obs, *hidden, 1])
         self.std = nn.Parameter(init_std * torch.ones(num_actions))
+        self.min_std = min_std  # a floor keeps small batches exploring (EXPERIMENTS.md)
         with torch.no_grad():  # the untrained actor commands about 0 (hover) whatever it sees (EXPERIMENTS.md)
             self.actor[-1].weight.mul_(0.01)
             self.actor[-1].bias.zero_()
@@ -121,16 +123,19 @@ class ActorCritic(nn.Module):
     def act(self, obs):  # rollout: obs [N, obs] -> ActOutput
         x = self.obs_norm(obs)
         mean = self.actor(x)  # [N, act]
-        std = self.std.expand_as(mean)  # [N, act], a view: no copy
+        std = self.action_std().expand_as(mean)  # [N, act], a view: no copy
         actions = mean + std * torch.randn_like(mean)
         return ActOutput(actions, gaussian_log_prob(actions, mean, std), self.critic(x).squeeze(-1), mean, std)
 
     def evaluate(self, obs, actions):  # update: obs [B, obs], actions [B, act] -> EvaluateOutput
         x = self.obs_norm(obs)
         mean = self.actor(x)
-        std = self.std.expand_as(mean)
+        std = self.action_std().expand_as(mean)
         entropy = (0.5 + LOG_SQRT_2PI + torch.log(std)).sum(-1)  # entropy of N(mean, std^2), summed over dims
         return EvaluateOutput(gaussian_log_prob(actions, mean, std), entropy, self.critic(x).squeeze(-1), mean, std)
+
+    def action_std(self):  # [act]: the std the actions are drawn with; below the floor it gets no gradient
+        return self.std.clamp(min=self.min_std)
 
     def act_deterministic(self, obs):  # evaluation and export: the action mean [N, act]
         return self.actor(self.obs_norm(obs))

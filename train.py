@@ -46,6 +46,7 @@ class TrainConfig:
     save_interval: int = _setting(50, "iterations between checkpoints (one is always written at the end)")
     hidden: tuple = _setting((128, 128), "hidden layer widths of the actor and of the critic")
     init_std: float = _setting(1.0, "initial std of the action noise (learned from there)")
+    min_std: float = _setting(0.0, "floor of the action noise's std (0: none)")
     normalize_obs: bool = _setting(False, "running mean/variance normalization of the observations, in the policy")
     random_episode_start: bool = _setting(True, "spread the first time-outs (rsl_rl's init_at_random_ep_len)")
     threads_rollout: int = _setting(1, "CPU only: torch threads while the simulator steps")
@@ -56,9 +57,10 @@ class TrainConfig:
 
 # Without CUDA, a fresh run starts from this preset (printed when applied; flags override it): on 2 CPU cores, the
 # best of everything measured (EXPERIMENTS.md). Two workers of 1024 drones x 50 steps (102,400 samples, an eighth
-# of the GPU batch), each simulator on a core of its own; the normalizer and a small initial std fly carefully.
+# of the GPU batch), each simulator on a core of its own; the normalizer and a small initial std fly carefully,
+# and a floor under the std keeps a small batch exploring (without it, seed 2 settled into hovering in place).
 CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, normalize_obs=True, init_std=0.3,
-                  max_iterations=250)
+                  min_std=0.2, max_iterations=250)
 PRESET_FLAGS = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_PRESET.items())
 
 
@@ -202,7 +204,8 @@ def train(cfg, resume=None):
     say(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; run directory: "
         f"{run_dir}\nconfig: {json.dumps(dataclasses.asdict(cfg))}\n{workers.world} worker(s) x {cfg.num_envs} "
         f"drones x {cfg.num_steps} steps = {workers.world * cfg.num_envs * cfg.num_steps:,} samples per iteration")
-    policy = ActorCritic(HoverEnv.num_obs, HoverEnv.num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs)
+    policy = ActorCritic(HoverEnv.num_obs, HoverEnv.num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs,
+                         cfg.min_std)
     policy = policy.to(device)
     optimizer = Adam(policy.parameters(), lr=torch.tensor(cfg.ppo.learning_rate, device=device))
     storage = RolloutStorage(cfg.num_steps, cfg.num_envs, HoverEnv.num_obs, HoverEnv.num_actions, device)
@@ -253,7 +256,7 @@ def train(cfg, resume=None):
             # The iteration's one host sync: figures, health and a stop request, of all workers.
             checks = workers.sum(torch.stack([torch.isfinite(optimizer.theta).all() & torch.isfinite(stats["loss"]),
                                               torch.tensor(stop.requested, device=device)]).float())
-            stats["action_std"] = policy.std.detach().mean()
+            stats["action_std"] = policy.action_std().detach().mean()
             row = dict(zip(stats, torch.stack(list(stats.values())).tolist()), **episodes.read(env.dt, workers.sum))
             finite, stop_requested = checks.tolist()
             if finite < workers.world:  # never save NaN weights: the last checkpoint on disk stays the last good one
