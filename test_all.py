@@ -197,6 +197,18 @@ def test_policy_samples_have_the_learned_std():
     assert (act.actions - act.mean).std(0).sub(0.3).abs().max() < 0.01
 
 
+def test_policy_std_has_a_floor():
+    """Below min_std the actions are drawn with min_std, and no gradient pushes the std further down."""
+    torch.manual_seed(0)
+    policy = ActorCritic(17, 4, init_std=0.1, min_std=0.2)
+    act = policy.act(torch.zeros(20000, 17))
+    assert (act.actions - act.mean).std(0).sub(0.2).abs().max() < 0.01
+    out = policy.evaluate(torch.zeros(8, 17), act.actions[:8])
+    assert torch.allclose(out.std, torch.full((8, 4), 0.2))
+    (out.log_prob.sum() + out.entropy.sum()).backward()
+    assert torch.equal(policy.std.grad, torch.zeros(4))
+
+
 def test_policy_observation_normalizer_lives_in_the_module():
     torch.manual_seed(0)
     policy = ActorCritic(17, 4, normalize_obs=True)
@@ -873,6 +885,7 @@ TINY = ["--device", "cpu", "--workers", "1", "--num-envs", "8", "--num-steps", "
     (["--num-envs", "0"], "--num-envs must be > 0"),
     (["--num-envs", "10", "--num-steps", "3", "--num-minibatches", "4"], "does not divide the batch"),
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+    (["--min-std", "-0.1"], "--init-std must be > 0 and --min-std >= 0, got "),
     (["--device", "tpu"], "unknown device"),
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at"),
     (["--normalize-obs", "ture"], "argument --normalize-obs: expected true or false"),

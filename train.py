@@ -124,6 +124,8 @@ def check_config(cfg):
     if cfg.num_envs * cfg.num_steps % cfg.ppo.num_minibatches:
         fail(f"--num-minibatches {cfg.ppo.num_minibatches} does not divide the batch of {cfg.num_envs} envs x "
              f"{cfg.num_steps} steps = {cfg.num_envs * cfg.num_steps} samples")
+    if not (cfg.init_std > 0 and cfg.min_std >= 0):
+        fail(f"--init-std must be > 0 and --min-std >= 0, got {cfg.init_std} and {cfg.min_std}")
     if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):
         fail("--gamma and --lam must be within [0, 1]")
     if cfg.workers > 1 and cfg.device != "cpu":
