@@ -152,7 +152,7 @@ def export(ckpt, cfg, path, out, formats):
     """Write the chosen formats for the checkpoint (loaded from `path`) into `out`; returns the paths written."""
     weights = ckpt["policy"]  # the network's sizes, read from its own tensors
     policy = ActorCritic(weights["actor.0.weight"].shape[1], weights["std"].numel(), cfg.hidden, cfg.init_std,
-                         cfg.normalize_obs)
+                         cfg.normalize_obs, cfg.min_std)
     policy.load_state_dict(weights)
     model = DeployedPolicy(policy).eval()
     n_obs, n_act = model.linears[0].in_features, model.linears[-1].out_features
