@@ -19,8 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from policy import ActorCritic
-from train import load_checkpoint
+from train import build_policy, load_checkpoint
 
 
 def fail(message):
@@ -112,7 +111,7 @@ def main(argv=None):
     task = HoverConfig(**ckpt.get("task", {}))  # the observation scales the policy was trained with
     env = HoverEnv(args.drones, device="cuda" if torch.cuda.is_available() else "cpu", seed=cfg.seed + 10_000,
                    cfg=task, show_viewer=args.viewer, record_camera=args.video)
-    policy = ActorCritic(env.num_obs, env.num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs, cfg.min_std)
+    policy = build_policy(cfg, env.num_obs, env.num_actions)
     policy.load_state_dict(ckpt["policy"])
     policy.to(env.device)
     stem = os.path.splitext(args.checkpoint)[0]

@@ -28,8 +28,7 @@ import warnings
 
 import torch
 
-from policy import ActorCritic
-from train import load_checkpoint, write_atomically
+from train import build_policy, load_checkpoint, write_atomically
 
 STM32F405 = {"flash": 1024 * 1024, "ram": 192 * 1024, "mhz": 168}  # the Crazyflie 2.1's microcontroller
 FORMATS = ("torch", "onnx", "c")
@@ -151,8 +150,7 @@ def metadata(ckpt, path, model):
 def export(ckpt, cfg, path, out, formats):
     """Write the chosen formats for the checkpoint (loaded from `path`) into `out`; returns the paths written."""
     weights = ckpt["policy"]  # the network's sizes, read from its own tensors
-    policy = ActorCritic(weights["actor.0.weight"].shape[1], weights["std"].numel(), cfg.hidden, cfg.init_std,
-                         cfg.normalize_obs, cfg.min_std)
+    policy = build_policy(cfg, weights["actor.0.weight"].shape[1], weights["std"].numel())
     policy.load_state_dict(weights)
     model = DeployedPolicy(policy).eval()
     n_obs, n_act = model.linears[0].in_features, model.linears[-1].out_features

@@ -133,6 +133,11 @@ def check_config(cfg):
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
+def build_policy(cfg, num_obs, num_actions):
+    """The actor-critic a TrainConfig describes: train.py, eval.py and export.py all build it here."""
+    return ActorCritic(num_obs, num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs, cfg.min_std)
+
+
 def load_checkpoint(path):
     """(checkpoint dict, its TrainConfig). A missing or foreign file raises ValueError with a one-line reason."""
     try:
@@ -206,9 +211,7 @@ def train(cfg, resume=None):
     say(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; run directory: "
         f"{run_dir}\nconfig: {json.dumps(dataclasses.asdict(cfg))}\n{workers.world} worker(s) x {cfg.num_envs} "
         f"drones x {cfg.num_steps} steps = {workers.world * cfg.num_envs * cfg.num_steps:,} samples per iteration")
-    policy = ActorCritic(HoverEnv.num_obs, HoverEnv.num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs,
-                         cfg.min_std)
-    policy = policy.to(device)
+    policy = build_policy(cfg, HoverEnv.num_obs, HoverEnv.num_actions).to(device)
     optimizer = Adam(policy.parameters(), lr=torch.tensor(cfg.ppo.learning_rate, device=device))
     storage = RolloutStorage(cfg.num_steps, cfg.num_envs, HoverEnv.num_obs, HoverEnv.num_actions, device)
     start, elapsed_before = 0, 0.0  # training time before this process (resume): the clock is cumulative
