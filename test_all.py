@@ -1274,7 +1274,7 @@ def exported(smoke_run, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export"))
     export.main([os.path.join(smoke_run, "ckpt_0002.pt"), "--out", out])
     ckpt, cfg = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
-    policy = ActorCritic(17, 4, cfg.hidden, cfg.init_std, cfg.normalize_obs)
+    policy = train.build_policy(cfg, 17, 4)  # as train.py built it
     policy.load_state_dict(ckpt["policy"])
     assert policy.obs_norm.count > 0  # the normalizer is on (CPU preset) and has learned: the export must carry it
     return out, policy
