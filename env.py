@@ -38,6 +38,7 @@ class HoverConfig:
     obs_ang_vel_scale: float = 1 / 25.0  # the example's 1/pi clips the rates trained drones fly (EXPERIMENTS.md)
     # Reward weights, one per term of `step` (each term is also multiplied by dt, as in the example).
     reward_target: float = 10.0  # progress toward the target: |p_prev - target|^2 - |p - target|^2 [m^2]
+    progress_speed_cap: float = 0.0  # m/s: progress pays at most as much as flying this fast at the target (0: no cap)
     reward_smooth: float = -1e-4  # change of action: |a - a_prev|^2
     reward_yaw: float = 0.01  # heading held: exp(yaw_lambda * |yaw|), yaw in radians
     yaw_lambda: float = -10.0
@@ -78,6 +79,18 @@ def quat_yaw(q: torch.Tensor) -> torch.Tensor:
     w, x, y, z = q.unbind(1)
     # atan2(2(wz + xy), 1 - 2(y^2 + z^2)), both arguments halved (same angle, two ops fewer)
     return torch.atan2(torch.addcmul(w * z, x, y), 0.5 - torch.addcmul(y * y, z, z))
+
+
+def progress(prev_rel_pos: torch.Tensor, dist2: torch.Tensor, speed_cap: float, dt: float) -> torch.Tensor:
+    """The progress term [N]: |p_prev - target|^2 - |p - target|^2, from prev_rel_pos [N, 3] and dist2 [N].
+
+    Closing in at speed v pays about 2 |p_prev - target| v dt, so a cap on v caps the term. With a cap, flying at
+    the target faster than it earns nothing more, so racing at the edge of control does not pay (the CPU preset's
+    cap, and what it did to crashes: EXPERIMENTS.md)."""
+    prev_dist2 = prev_rel_pos.square().sum(1)
+    if not speed_cap:
+        return prev_dist2 - dist2
+    return torch.minimum(prev_dist2 - dist2, prev_dist2.sqrt() * (2 * speed_cap * dt))
 
 
 class HoverEnv:
@@ -210,7 +223,7 @@ class HoverEnv:
         at_target = (dist2 < cfg.at_target_dist ** 2) & finite  # [N]
         dt = cfg.dt
         terms = {  # [N] each: this step's reward terms, weighted (HoverConfig) and scaled by dt
-            "target": dt * cfg.reward_target * (prev_rel_pos.square().sum(1) - dist2),
+            "target": dt * cfg.reward_target * progress(prev_rel_pos, dist2, cfg.progress_speed_cap, dt),
             "smooth": dt * cfg.reward_smooth * (a - self.last_actions).square().sum(1),
             "yaw": dt * cfg.reward_yaw * torch.exp(cfg.yaw_lambda * quat_yaw(quat).abs()),
             "angular": dt * cfg.reward_angular * ang_vel_b.square().sum(1).sqrt(),

@@ -510,6 +510,7 @@ class StayPut:
 # env state directly (targets, episode counters, drone pose) to construct situations quickly; each says so.
 from torch.overrides import TorchFunctionMode
 
+import env as env_module
 from env import EpisodeStats, HoverConfig, HoverEnv
 
 REWARD_TERMS = ("target", "smooth", "yaw", "angular", "crash")
@@ -692,6 +693,35 @@ def test_reward_terms_one_step(env):
     total = sum(ep[f"reward_{t}"] for t in REWARD_TERMS)
     assert torch.allclose(rew, total, atol=1e-9) and torch.allclose(ep["return"], rew)
     assert torch.equal(ep["length"], torch.ones(N))
+
+
+def test_progress_speed_cap():
+    """Without a cap the term is the drop in squared distance; with one, closing in faster than the cap pays as if
+    at the cap (2 |p_prev - target| v dt), slower or receding flight is paid as before."""
+    prev = torch.tensor([[2.0, 0, 0], [2.0, 0, 0], [2.0, 0, 0]])
+    now = torch.tensor([[1.9, 0, 0], [1.995, 0, 0], [2.1, 0, 0]])  # 10 m/s, 0.5 m/s toward; 10 m/s away
+    dist2 = now.square().sum(1)
+    plain = env_module.progress(prev, dist2, 0.0, DT)
+    assert torch.allclose(plain, 4 - dist2)
+    capped = env_module.progress(prev, dist2, 2.5, DT)
+    assert torch.allclose(capped, torch.stack((torch.tensor(2 * 2.0 * 2.5 * DT), plain[1], plain[2])))
+
+
+def test_env_pays_capped_progress(env):
+    """The task with a cap of 0.05 m/s (env.cfg replaced directly, then restored): a one-step episode at full
+    throttle toward a target 1 m above closes in faster than that, and is paid as if at 0.05 m/s."""
+    env.reset()
+    env.target_pos[:] = torch.tensor([0.0, 0.0, 2.0])
+    prev_dist = torch.linalg.vector_norm(env.target_pos - env.base_pos, dim=1)
+    env.cfg = HoverConfig(progress_speed_cap=0.05)
+    try:
+        _, info = last_step_of_episode(env, full(1.0))
+    finally:
+        env.cfg = CFG
+    dist2 = (info["final_obs"][:, :3] * 3).square().sum(1)
+    capped = 10 * DT * 2 * prev_dist * 0.05 * DT
+    assert (10 * DT * (prev_dist.square() - dist2) > 1.5 * capped).all()  # uncapped, it would be paid more
+    assert torch.allclose(info["episode"]["reward_target"], capped, rtol=1e-4)
 
 
 def test_reward_yaw_convention(env):
@@ -886,6 +916,7 @@ TINY = ["--device", "cpu", "--workers", "1", "--num-envs", "8", "--num-steps", "
     (["--num-envs", "10", "--num-steps", "3", "--num-minibatches", "4"], "does not divide the batch"),
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
     (["--min-std", "-0.1"], "--init-std must be > 0 and --min-std >= 0, got "),
+    (["--progress-speed-cap", "-1"], "--progress-speed-cap must be >= 0 (0: no cap), got -1.0"),
     (["--device", "tpu"], "unknown device"),
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at"),
     (["--normalize-obs", "ture"], "argument --normalize-obs: expected true or false"),
@@ -1097,7 +1128,6 @@ def test_eval_flies_the_task_the_checkpoint_was_trained_on(smoke_run, tmp_path, 
         built.append(cfg)
         raise Built
 
-    import env as env_module
     monkeypatch.setattr(env_module, "HoverEnv", record_the_task)
     with pytest.raises(Built):
         evaluation.main([str(tmp_path / "example_scale.pt")])

@@ -48,6 +48,8 @@ class TrainConfig:
     init_std: float = _setting(1.0, "initial std of the action noise (learned from there)")
     min_std: float = _setting(0.0, "floor of the action noise's std (0: none)")
     normalize_obs: bool = _setting(False, "running mean/variance normalization of the observations, in the policy")
+    progress_speed_cap: float = _setting(0.0, "m/s: progress toward the target pays at most as for this speed "
+                                         "(env.HoverConfig; 0: no cap, as in the Genesis example)")
     random_episode_start: bool = _setting(True, "spread the first time-outs (rsl_rl's init_at_random_ep_len)")
     threads_rollout: int = _setting(1, "CPU only: torch threads while the simulator steps")
     threads_update: int = _setting(2, "CPU only: torch threads for the PPO update")
@@ -57,10 +59,11 @@ class TrainConfig:
 
 # Without CUDA, a fresh run starts from this preset (printed when applied; flags override it): on 2 CPU cores, the
 # best of everything measured (EXPERIMENTS.md). Two workers of 1024 drones x 50 steps (102,400 samples, an eighth
-# of the GPU batch), each simulator on a core of its own; the normalizer, and an action std held at 0.3 (start
-# and floor): with a small batch, it learned faster and crashed less on most seeds than a lower floor.
+# of the GPU batch), each simulator on a core of its own; the normalizer, an action std held at 0.3 (start and
+# floor): with a small batch, it learned faster and crashed less on most seeds than a lower floor; and progress paid
+# up to 2.5 m/s, so that the drones stop racing at the edge of control, where they crashed.
 CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, normalize_obs=True, init_std=0.3,
-                  min_std=0.3, max_iterations=250)
+                  min_std=0.3, progress_speed_cap=2.5, max_iterations=250)
 PRESET_FLAGS = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_PRESET.items())
 
 
@@ -126,6 +129,8 @@ def check_config(cfg):
              f"{cfg.num_steps} steps = {cfg.num_envs * cfg.num_steps} samples")
     if not (cfg.init_std > 0 and cfg.min_std >= 0):
         fail(f"--init-std must be > 0 and --min-std >= 0, got {cfg.init_std} and {cfg.min_std}")
+    if cfg.progress_speed_cap < 0:
+        fail(f"--progress-speed-cap must be >= 0 (0: no cap), got {cfg.progress_speed_cap}")
     if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):
         fail("--gamma and --lam must be within [0, 1]")
     if cfg.workers > 1 and cfg.device != "cpu":
@@ -233,7 +238,8 @@ def train(cfg, resume=None):
     cpu_threads(cfg, "rollout")
     # check_actions=False: the per-step NaN check would sync every step; theta is checked once per iteration instead.
     env = HoverEnv(cfg.num_envs, device=str(device), seed=cfg.seed + workers.rank, check_actions=False,
-                   cfg=HoverConfig(**(resume or {}).get("task", {})))  # a resumed run keeps its task's scales
+                   cfg=HoverConfig(**{**(resume or {}).get("task", {}),  # a resumed run keeps its task's scales
+                                      "progress_speed_cap": cfg.progress_speed_cap}))
     if resume is not None and workers.main:  # (other workers keep their own seeds)
         torch.set_rng_state(resume["rng"]["torch"])
         env.generator.set_state(resume["rng"]["env"])
