@@ -917,6 +917,10 @@ TINY = ["--device", "cpu", "--workers", "1", "--num-envs", "8", "--num-steps", "
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
     (["--min-std", "-0.1"], "--init-std must be > 0 and --min-std >= 0, got "),
     (["--progress-speed-cap", "-1"], "--progress-speed-cap must be >= 0 (0: no cap), got -1.0"),
+    (["--crash-multiple", "0"], "--crash-multiple must be > 0 and --crash-ramp two iterations FROM TO with 0 <= "
+                                "FROM <= TO, got 0.0 and 100 200"),
+    (["--crash-ramp", "200", "100"], "--crash-ramp two iterations FROM TO with 0 <= FROM <= TO, got 10.0 and 200 100"),
+    (["--crash-ramp", "100"], "--crash-ramp two iterations FROM TO"),
     (["--device", "tpu"], "unknown device"),
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at"),
     (["--normalize-obs", "ture"], "argument --normalize-obs: expected true or false"),
@@ -958,6 +962,14 @@ def test_train_booleans_are_strict(text, value):
     assert train.build_config(train.parse_args(["--device", "cpu", "--normalize-obs", text])).normalize_obs is value
 
 
+def test_crash_scale_grows_over_the_ramp_then_holds():
+    cfg = train.TrainConfig(crash_multiple=10.0, crash_ramp=(100, 200))
+    scales = [train.crash_scale(i, cfg) for i in (1, 100, 150, 200, 250)]
+    assert scales == [1.0, 1.0, 5.5, 10.0, 10.0]
+    assert train.crash_scale(50, dataclasses.replace(cfg, crash_ramp=(50, 50))) == 10.0  # a step
+    assert {train.crash_scale(i, train.TrainConfig()) for i in range(0, 400, 7)} == {1.0}  # the default: unchanged
+
+
 def test_train_settings_come_from_the_declarations(capsys):
     """--help shows each field's own help text; the CPU preset is a named config, printed when it applies."""
     with pytest.raises(SystemExit):
@@ -979,12 +991,9 @@ def test_save_interrupted_mid_write_keeps_the_previous_checkpoint(tmp_path, monk
     policy = ActorCritic(17, 4)
     opt = Adam(policy.parameters())
 
-    class FakeEnv:
-        generator, cfg = torch.Generator(), HoverConfig()
-
     cfg = train.TrainConfig(device="cpu")
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, policy, opt, 7, 1.0, cfg, FakeEnv())
+    train.save_checkpoint(path, policy, opt, 7, 1.0, cfg, HoverConfig(), torch.Generator())
     real_save = torch.save
 
     def dies_mid_write(obj, f):
@@ -994,7 +1003,7 @@ def test_save_interrupted_mid_write_keeps_the_previous_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, policy, opt, 8, 2.0, cfg, FakeEnv())
+        train.save_checkpoint(path, policy, opt, 8, 2.0, cfg, HoverConfig(), torch.Generator())
     monkeypatch.setattr(torch, "save", real_save)
     ckpt, loaded_cfg = train.load_checkpoint(path)
     assert ckpt["iteration"] == 7 and loaded_cfg == cfg
@@ -1080,14 +1089,17 @@ def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
 
     monkeypatch.setattr(train, "update", spy)
     monkeypatch.setattr(train, "rollout", rollout_spy)
-    train.main(["--resume", ckpt_path, "--max-iterations", "3"])
+    train.main(["--resume", ckpt_path, "--max-iterations", "3", "--crash-multiple", "4", "--crash-ramp", "1", "3"])
     m, v, t, lr, weights = seen[0]
     assert torch.equal(m, saved["optimizer"]["m"]) and torch.equal(v, saved["optimizer"]["v"])
     assert t == saved["optimizer"]["t"] and lr == float(saved["optimizer"]["lr"])
     assert all(torch.equal(weights[k], saved["policy"][k]) for k in weights)
     assert rolled[0].keys() == saved["policy"].keys()
     assert all(torch.equal(rolled[0][k], saved["policy"][k]) for k in rolled[0])
-    assert rolled[1] == HoverConfig(**saved["task"]) and rolled[1].obs_ang_vel_scale == 1 / 3.14159
+    # iteration 3 of a crash penalty grown from x1 at iteration 1 to x4 at 3; checkpoints keep the task's own
+    task = HoverConfig(**saved["task"])
+    assert rolled[1] == dataclasses.replace(task, reward_crash=4 * task.reward_crash) and task.reward_crash == -10
+    assert rolled[1].obs_ang_vel_scale == 1 / 3.14159
     with open(os.path.join(smoke_run, "metrics.jsonl")) as f:
         assert [json.loads(line)["iteration"] for line in f] == [1, 2, 3]  # the counter went on
     resumed = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0003.pt"))[0]

@@ -50,6 +50,10 @@ class TrainConfig:
     normalize_obs: bool = _setting(False, "running mean/variance normalization of the observations, in the policy")
     progress_speed_cap: float = _setting(0.0, "m/s: progress toward the target pays at most as for this speed "
                                          "(env.HoverConfig; 0: no cap, as in the Genesis example)")
+    crash_multiple: float = _setting(1.0, "the crash penalty grows to this multiple of the task's over crash_ramp "
+                                     "(1: the task's throughout, as in the Genesis example)")
+    crash_ramp: tuple = _setting((100, 200), "iterations over which the crash penalty grows linearly from the "
+                                 "task's to crash_multiple times it (held after)")
     random_episode_start: bool = _setting(True, "spread the first time-outs (rsl_rl's init_at_random_ep_len)")
     threads_rollout: int = _setting(1, "CPU only: torch threads while the simulator steps")
     threads_update: int = _setting(2, "CPU only: torch threads for the PPO update")
@@ -60,10 +64,11 @@ class TrainConfig:
 # Without CUDA, a fresh run starts from this preset (printed when applied; flags override it): on 2 CPU cores, the
 # best of everything measured (EXPERIMENTS.md). Two workers of 1024 drones x 50 steps (102,400 samples, an eighth
 # of the GPU batch), each simulator on a core of its own; the normalizer, an action std held at 0.3 (start and
-# floor): with a small batch, it learned faster and crashed less on most seeds than a lower floor; and progress paid
-# up to 2.5 m/s, so that the drones stop racing at the edge of control, where they crashed.
+# floor): with a small batch, it learned faster and crashed less on most seeds than a lower floor; progress paid
+# up to 2.5 m/s, so that the drones stop racing at the edge of control, where they crashed; and a crash penalty
+# grown tenfold over iterations 100-200, once the drones chase targets (from the start, it made them timid).
 CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, normalize_obs=True, init_std=0.3,
-                  min_std=0.3, progress_speed_cap=2.5, max_iterations=250)
+                  min_std=0.3, progress_speed_cap=2.5, crash_multiple=10.0, max_iterations=250)
 PRESET_FLAGS = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_PRESET.items())
 
 
@@ -131,6 +136,9 @@ def check_config(cfg):
         fail(f"--init-std must be > 0 and --min-std >= 0, got {cfg.init_std} and {cfg.min_std}")
     if cfg.progress_speed_cap < 0:
         fail(f"--progress-speed-cap must be >= 0 (0: no cap), got {cfg.progress_speed_cap}")
+    if not (cfg.crash_multiple > 0 and len(cfg.crash_ramp) == 2 and 0 <= cfg.crash_ramp[0] <= cfg.crash_ramp[1]):
+        fail(f"--crash-multiple must be > 0 and --crash-ramp two iterations FROM TO with 0 <= FROM <= TO, got "
+             f"{cfg.crash_multiple} and {' '.join(map(str, cfg.crash_ramp))}")
     if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):
         fail("--gamma and --lam must be within [0, 1]")
     if cfg.workers > 1 and cfg.device != "cpu":
@@ -168,10 +176,10 @@ def write_atomically(path, write):
             os.remove(tmp)
 
 
-def save_checkpoint(path, policy, optimizer, iteration, elapsed_s, cfg, env):
+def save_checkpoint(path, policy, optimizer, iteration, elapsed_s, cfg, task, generator):
     state = {"iteration": iteration, "elapsed_s": elapsed_s, "config": dataclasses.asdict(cfg),
-             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "task": dataclasses.asdict(env.cfg),
-             "rng": {"torch": torch.get_rng_state(), "env": env.generator.get_state(),
+             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "task": dataclasses.asdict(task),
+             "rng": {"torch": torch.get_rng_state(), "env": generator.get_state(),
                      "cuda": torch.cuda.get_rng_state() if str(cfg.device).startswith("cuda") else None}}
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
@@ -180,6 +188,14 @@ def save_checkpoint(path, policy, optimizer, iteration, elapsed_s, cfg, env):
 def cpu_threads(cfg, phase):  # on a CPU, torch's threads are set per phase (measured: EXPERIMENTS.md)
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads_rollout if phase == "rollout" else cfg.threads_update)
+
+
+def crash_scale(iteration, cfg):
+    """The crash penalty's multiple in this iteration: 1, then linear to crash_multiple over crash_ramp, then held."""
+    start, end = cfg.crash_ramp
+    if iteration >= end:
+        return cfg.crash_multiple
+    return 1.0 if iteration <= start else 1.0 + (cfg.crash_multiple - 1.0) * ((iteration - start) / (end - start))
 
 
 def rollout(policy, env, storage, obs, episodes, cfg, workers):
@@ -237,9 +253,9 @@ def train(cfg, resume=None):
         f"building the Genesis scene with {cfg.num_envs} drones (the first build compiles kernels: minutes)")
     cpu_threads(cfg, "rollout")
     # check_actions=False: the per-step NaN check would sync every step; theta is checked once per iteration instead.
-    env = HoverEnv(cfg.num_envs, device=str(device), seed=cfg.seed + workers.rank, check_actions=False,
-                   cfg=HoverConfig(**{**(resume or {}).get("task", {}),  # a resumed run keeps its task's scales
-                                      "progress_speed_cap": cfg.progress_speed_cap}))
+    task = HoverConfig(**{**(resume or {}).get("task", {}),  # a resumed run keeps its task's scales
+                          "progress_speed_cap": cfg.progress_speed_cap})
+    env = HoverEnv(cfg.num_envs, device=str(device), seed=cfg.seed + workers.rank, check_actions=False, cfg=task)
     if resume is not None and workers.main:  # (other workers keep their own seeds)
         torch.set_rng_state(resume["rng"]["torch"])
         env.generator.set_state(resume["rng"]["env"])
@@ -258,6 +274,7 @@ def train(cfg, resume=None):
             dp.StopOnSignal() as stop:
         for it in range(start, cfg.max_iterations):
             t0 = time.time()
+            env.cfg = dataclasses.replace(task, reward_crash=task.reward_crash * crash_scale(it + 1, cfg))
             cpu_threads(cfg, "rollout")
             obs = rollout(policy, env, storage, obs, episodes, cfg, workers)
             t1 = time.time()
@@ -288,7 +305,7 @@ def train(cfg, resume=None):
                 print(json.dumps(row), file=metrics, flush=True)
             if workers.main and ((it + 1) % cfg.save_interval == 0 or it + 1 == cfg.max_iterations or stop_requested):
                 save_checkpoint(os.path.join(run_dir, f"ckpt_{it + 1:04d}.pt"), policy, optimizer, it + 1,
-                                row["elapsed_s"], cfg, env)
+                                row["elapsed_s"], cfg, task, env.generator)
             if stop_requested:
                 break
     workers.close()
