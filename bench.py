@@ -28,10 +28,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: idle torch t
 import torch  # noqa: E402
 
 from adam import Adam  # noqa: E402
+from env import HoverEnv  # noqa: E402  (genesis starts when the first HoverEnv is built)
+from logger import EpisodeStats  # noqa: E402
 from policy import ActorCritic  # noqa: E402
 from ppo import PPOConfig, ppo_loss, update  # noqa: E402
 from storage import RolloutStorage  # noqa: E402
-from workers import Workers  # noqa: E402
+from workers import Workers, cpu_threads  # noqa: E402
+
+OBS, ACT = HoverEnv.num_obs, HoverEnv.num_actions  # the drone task's sizes: the seed's network
 
 
 def sync(device):
@@ -55,11 +59,11 @@ def timed(fn, reps, device, warmup=2):
 
 def filled_storage(num_envs, num_steps, device, policy):
     """A rollout's worth of realistic samples: random obs, actions drawn from the policy."""
-    s = RolloutStorage(num_steps, num_envs, 17, 4, device)
+    s = RolloutStorage(num_steps, num_envs, OBS, ACT, device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for _ in range(num_steps):
-            obs = torch.rand(num_envs, 17, device=device, generator=g) * 2 - 1
+            obs = torch.rand(num_envs, OBS, device=device, generator=g) * 2 - 1
             act = policy.act(obs)
             done = torch.rand(num_envs, device=device, generator=g) < 0.01
             s.add(obs=obs, actions=act.actions, rewards=torch.randn(num_envs, device=device, generator=g), dones=done,
@@ -77,10 +81,10 @@ def bench_adam(device, reps=200):
                 "torch Adam fused": lambda ps: torch.optim.Adam(ps, lr=3e-4, fused=True),
                 "torch Adam for-loop": lambda ps: torch.optim.Adam(ps, lr=3e-4, foreach=False)}
     for name, make in variants.items():
-        policy = ActorCritic(17, 4).to(device)
+        policy = ActorCritic(OBS, ACT).to(device)
         opt = make(list(policy.parameters()))
         opt.zero_grad()
-        obs = torch.randn(4096, 17, device=device)
+        obs = torch.randn(4096, OBS, device=device)
         (policy.actor(obs).square().mean() + policy.critic(obs).square().mean()).backward()
         results[name] = timed(opt.step, reps, device, warmup=10) * 1e6  # microseconds
     ref = results["torch Adam fused"]
@@ -103,19 +107,19 @@ def plain_torch_update(policy, optimizer, batches, cfg):
 def bench_update(num_envs, num_steps, device, reps=3):
     cfg = PPOConfig()
     samples = num_envs * num_steps
-    policy = ActorCritic(17, 4).to(device)
+    policy = ActorCritic(OBS, ACT).to(device)
     storage = filled_storage(num_envs, num_steps, device, policy)
     ours = Adam(policy.parameters(), lr=torch.tensor(cfg.learning_rate, device=device))
     t_ours = timed(lambda: update(policy, ours, storage.minibatches(cfg.num_epochs, cfg.num_minibatches), cfg)
                    ["loss"].item(), reps, device, warmup=1)
 
-    ref_policy = ActorCritic(17, 4).to(device)
+    ref_policy = ActorCritic(OBS, ACT).to(device)
     ref_opt = torch.optim.Adam(ref_policy.parameters(), lr=cfg.learning_rate, fused=True)
     one_epoch = list(storage.minibatches(1, cfg.num_minibatches))  # gathered once, outside the timing
     t_floor = timed(lambda: plain_torch_update(ref_policy, ref_opt, one_epoch * cfg.num_epochs, cfg),
                     reps, device, warmup=1)
 
-    opt_only = Adam(ActorCritic(17, 4).to(device).parameters())
+    opt_only = Adam(ActorCritic(OBS, ACT).to(device).parameters())
     t_step = timed(opt_only.step, 50, device) * cfg.num_epochs * cfg.num_minibatches
     return {"samples": samples, "update_s": t_ours, "floor_s": t_floor,
             "update_ratio_to_floor": t_ours / t_floor, "samples_per_s": samples * cfg.num_epochs / t_ours,
@@ -160,12 +164,11 @@ def bench_physics_and_env(env, steps, rounds=3):
 def loop_state(env, num_steps):
     """What train.py's loop holds for one env: its config, a fresh policy and Adam, storage, episode sums, obs."""
     import train
-    from env import EpisodeStats
     cfg = train.TrainConfig(num_envs=env.num_envs, num_steps=num_steps, device=str(env.device))
-    policy = ActorCritic(17, 4).to(env.device)
-    state = {"obs": env.reset(), "episodes": EpisodeStats(env.device)}
+    policy = ActorCritic(OBS, ACT).to(env.device)
+    state = {"obs": env.reset(), "episodes": EpisodeStats(env.rates, env.unit, env.dt)}
     return train, cfg, policy, Adam(policy.parameters(), lr=torch.tensor(cfg.ppo.learning_rate, device=env.device)), \
-        RolloutStorage(num_steps, env.num_envs, 17, 4, env.device), state
+        RolloutStorage(num_steps, env.num_envs, OBS, ACT, env.device), state
 
 
 def bench_rollout(env, num_steps, reps=3):
@@ -183,9 +186,9 @@ def bench_train(env, num_steps, iterations=3):
     train, cfg, policy, optimizer, storage, state = loop_state(env, num_steps)
 
     def iteration():
-        train.cpu_threads(cfg, "rollout")
+        cpu_threads(cfg, "rollout")
         state["obs"] = train.rollout(policy, env, storage, state["obs"], state["episodes"], cfg, Workers())
-        train.cpu_threads(cfg, "update")
+        cpu_threads(cfg, "update")
         losses = update(policy, optimizer, storage.minibatches(cfg.ppo.num_epochs, cfg.ppo.num_minibatches), cfg.ppo,
                         Workers().average)
         losses["loss"].item()
@@ -237,9 +240,9 @@ def main(argv=None):
     cfg = train.TrainConfig(device=args.device)  # the thread settings train.py uses on CPU
     sizes = args.num_envs or ([1024, 8192] + ([32768] if args.device.startswith("cuda") else []))
     results = {"device": args.device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "cpu_threads": {"rollout": cfg.threads_rollout, "update": cfg.threads_update}, "sizes": {}}
+               "cpu_threads": {"rollout": 1, "update": cfg.threads_update}, "sizes": {}}
     if "adam" in args.sections:
-        train.cpu_threads(cfg, "update")
+        cpu_threads(cfg, "update")
         results["adam"] = bench_adam(args.device)
         print(f"adam: one step on the default network (38,281 parameters), {args.device}")
         for name, r in results["adam"].items():
@@ -249,9 +252,8 @@ def main(argv=None):
         print(f"--- {n} envs x {args.num_steps} steps = {n * args.num_steps:,} samples per iteration")
         env = None
         if {"physics", "env", "rollout", "train"} & set(args.sections):
-            from env import HoverEnv
             env = HoverEnv(n, device=args.device, seed=0, check_actions=False)
-        train.cpu_threads(cfg, "rollout")
+        cpu_threads(cfg, "rollout")
         if {"physics", "env"} & set(args.sections):
             r.update(bench_physics_and_env(env, args.env_steps))
             print(f"  physics (raw Genesis)  {r['physics_steps_per_s']:10,.0f} env-steps/s\n"
@@ -262,7 +264,7 @@ def main(argv=None):
             print(f"  rollout (env+policy+storage) {r['rollout_steps_per_s']:10,.0f} env-steps/s   "
                   f"{r['rollout_s']:.3f} s per iteration")
         if "update" in args.sections:
-            train.cpu_threads(cfg, "update")
+            cpu_threads(cfg, "update")
             r.update(bench_update(n, args.num_steps, args.device, args.iterations))
             print(f"  PPO update             {r['update_s']:.3f} s  ({r['samples_per_s']:,.0f} samples/s per epoch)   "
                   f"plain-torch floor {r['floor_s']:.3f} s   ratio {r['update_ratio_to_floor']:.2f}   "

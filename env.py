@@ -7,14 +7,16 @@
           | clip(body angular velocity / 25 rad/s) (3) | actions applied this step (4)
 
 Finished drones are reset inside `step`, so the loop never stops. The task is Genesis's
-examples/drone/hover_env.py (same scene, action map, observation scales, rewards and terminations); the
-deliberate differences are noted where they occur. The only file that imports genesis. `step` reads nothing
-back to the host (but for one optional check of the actions): resets take a boolean env mask.
+examples/drone/hover_env.py (same scene, action map, rewards and terminations); the deliberate differences
+(the angular velocity's scale among them) are noted where they occur. `step` reads nothing back to the host
+(but for one optional check of the actions): resets take a boolean env mask. This file and
+examples/go2/go2_env.py keep the task contract of README.md ("Your own robot"); genesis is imported when the
+first env is built (init_genesis), so that train.py can read and check a task's settings without it.
 """
+import os
 from dataclasses import dataclass
 
 import torch
-import genesis as gs
 
 
 @dataclass
@@ -38,20 +40,53 @@ class HoverConfig:
     obs_ang_vel_scale: float = 1 / 25.0  # the example's 1/pi clips the rates trained drones fly (EXPERIMENTS.md)
     # Reward weights, one per term of `step` (each term is also multiplied by dt, as in the example).
     reward_target: float = 10.0  # progress toward the target: |p_prev - target|^2 - |p - target|^2 [m^2]
-    progress_speed_cap: float = 0.0  # m/s: progress pays at most as much as flying this fast at the target (0: no cap)
+    progress_speed_cap: float = 0.0  # [m/s] progress pays at most as for flying this fast at the target (0: no cap)
     reward_smooth: float = -1e-4  # change of action: |a - a_prev|^2
     reward_yaw: float = 0.01  # heading held: exp(yaw_lambda * |yaw|), yaw in radians
     yaw_lambda: float = -10.0
     reward_angular: float = -2e-4 / 3.14159  # spin: |body angular velocity| [rad/s] (the example's -2e-4 per pi rad/s)
     reward_crash: float = -10.0  # 1 on the step the drone crashes
+    # A curriculum: the crash penalty grows linearly from reward_crash to crash_multiple times it over the training
+    # iterations crash_ramp (held after). 1: the example's fixed penalty. Checkpoints keep reward_crash itself.
+    crash_multiple: float = 1.0
+    crash_ramp: tuple = (100, 200)
     # Viewer / recording camera (only used when show_viewer or record_camera).
     camera_pos: tuple = (3.5, 0.0, 2.5)
     camera_lookat: tuple = (0.0, 0.0, 0.5)
     camera_fov: float = 30.0
 
+    def __post_init__(self):  # a bad setting: one line that says what to change (train.py prints it)
+        if self.progress_speed_cap < 0:
+            raise ValueError(f"--progress-speed-cap must be >= 0 (0: no cap), got {self.progress_speed_cap}")
+        ramp = self.crash_ramp
+        if not (self.crash_multiple > 0 and len(ramp) == 2 and 0 <= ramp[0] <= ramp[1]):
+            raise ValueError(f"--crash-multiple must be > 0 and --crash-ramp two iterations FROM TO with 0 <= FROM <= "
+                             f"TO, got {self.crash_multiple} and {' '.join(map(str, self.crash_ramp))}")
 
-def _init_genesis(device: torch.device) -> torch.device:
-    """Genesis runs one backend per process: start it on `device`, or check that it already runs there."""
+
+# train.py's settings for this task. TRAIN: the Genesis example's (hover_train.py: 8192 drones x 100 steps, 301
+# iterations, actor and critic 128-128 tanh). CPU_PRESET, on top of it without CUDA: on 2 CPU cores, the best of
+# everything measured (EXPERIMENTS.md, "Every default and why"). Two workers of 1024 drones x 50 steps (102,400
+# samples, an eighth of the GPU batch), each simulator on a core of its own; the normalizer, an action std held at
+# 0.3 (start and floor): with a small batch, it learned faster and crashed less on most seeds than a lower floor;
+# progress paid up to 2.5 m/s, so that the drones stop racing at the edge of control, where they crashed; and a
+# crash penalty grown tenfold over iterations 100-200, once the drones chase targets (from the start, it made them
+# timid).
+TRAIN = dict(num_envs=8192, num_steps=100, max_iterations=301, hidden=(128, 128), activation="tanh",
+             learning_rate=3e-4, entropy_coef=0.004)
+CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, normalize_obs=True, init_std=0.3,
+                  min_std=0.3, progress_speed_cap=2.5, crash_multiple=10.0, max_iterations=250)
+
+
+def init_genesis(device: torch.device):
+    """Genesis runs one backend per process: start it on `device`, or check that it already runs there. Returns
+    the genesis module; every task builds its scene after this call.
+
+    Genesis's performance mode compiles its kernels for the number of envs: they step faster (1.7x for 1024 drones
+    on a CPU: EXPERIMENTS.md, "Scene builds in the tests"), but each new number of envs compiles anew, and even a
+    cached scene takes about a minute to build on a CPU. GS_PERFORMANCE_MODE=0 in the environment turns it off:
+    kernels for any size, a cached scene built in seconds. The tests run that way."""
+    import genesis as gs
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:K]', got '{device}'")
     if not gs._initialized:
@@ -60,11 +95,11 @@ def _init_genesis(device: torch.device) -> torch.device:
         # No `seed=`: gs.init would reseed the global torch/numpy/random RNGs under the trainer's feet. "error":
         # the kernel compiler's and the asset loader's warnings do not concern this task.
         gs.init(backend=gs.cpu if device.type == "cpu" else gs.gpu, precision="32", logging_level="error",
-                performance_mode=True)
+                performance_mode=os.environ.get("GS_PERFORMANCE_MODE", "1") != "0")
     if device.type != gs.device.type or device.index not in (None, gs.device.index):
         raise RuntimeError(f"Genesis is already initialised on '{gs.device}' in this process; "
-                           f"cannot create a HoverEnv on '{device}' (one backend per process)")
-    return gs.device
+                           f"cannot create an env on '{device}' (one backend per process)")
+    return gs
 
 
 def quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -93,14 +128,25 @@ def progress(prev_rel_pos: torch.Tensor, dist2: torch.Tensor, speed_cap: float, 
     return torch.minimum(prev_dist2 - dist2, prev_dist2.sqrt() * (2 * speed_cap * dt))
 
 
+def crash_scale(iteration: int, cfg: HoverConfig) -> float:
+    """The crash penalty's multiple in a training iteration: 1, then linear to crash_multiple over crash_ramp, then
+    held (the CPU preset's curriculum: EXPERIMENTS.md, "A crash penalty grown tenfold over iterations 100-200")."""
+    start, end = cfg.crash_ramp
+    if iteration >= end:
+        return cfg.crash_multiple
+    return 1.0 if iteration <= start else 1.0 + (cfg.crash_multiple - 1.0) * ((iteration - start) / (end - start))
+
+
 class HoverEnv:
     num_obs = 17
     num_actions = 4
+    unit = "drone"  # train.py and eval.py report the `rates` (per-episode counts) per drone-minute
+    rates = ("targets", "crashes")
 
     def __init__(self, num_envs: int, device: str = "cpu", seed: int = 0, cfg: HoverConfig = HoverConfig(),
                  show_viewer: bool = False, record_camera: bool = False, check_actions: bool = True):
-        self.num_envs, self.cfg, self.dt = num_envs, cfg, cfg.dt
-        self.device = _init_genesis(torch.device(device))
+        gs = init_genesis(torch.device(device))
+        self.num_envs, self.cfg, self.dt, self.device = num_envs, cfg, cfg.dt, gs.device
         self.max_episode_length = round(cfg.episode_length_s / cfg.dt)  # 1500 (ceil would give 1501 in floats)
         self.check_actions = check_actions  # NaN/inf in the actions: one bool read back, the only sync in step
         self.generator = torch.Generator(device=self.device).manual_seed(seed)  # targets/episode starts only
@@ -142,6 +188,7 @@ class HoverEnv:
         self.last_actions = torch.zeros(N, 4, device=dev)  # [N, 4] actions applied at the previous step
         self.episode_length = torch.zeros(N, dtype=torch.int32, device=dev)  # [N] steps into the episode
         self._sums = torch.zeros((), device=dev)  # running per-episode sums, [N, terms + 2] after a step
+        self.reward_crash = cfg.reward_crash  # the crash penalty now: set_iteration() grows it (crash_scale)
 
     # ------------------------------------------------------------------------------------------------------------
     def _draw_targets(self) -> torch.Tensor:
@@ -155,6 +202,10 @@ class HoverEnv:
     def _observe_target(self, obs: torch.Tensor):
         """Rewrite the target slot of obs [N, 17] for the current targets and positions."""
         obs[:, :3] = (self.target_pos - self.base_pos).mul_(self.cfg.obs_rel_pos_scale).clamp_(-1.0, 1.0)
+
+    def set_iteration(self, iteration: int):
+        """The task contract's curriculum hook, called by train.py before each training iteration (1, 2, ...)."""
+        self.reward_crash = self.cfg.reward_crash * crash_scale(iteration, self.cfg)
 
     def _show_targets(self):
         if self.target_marker is not None:
@@ -193,8 +244,8 @@ class HoverEnv:
         time_outs [N] bool   truncated at max_episode_length (the trainer bootstraps these from final_obs)
         final_obs [N, 17]    observation before the reset (equals obs where not done)
         nonfinite [N] bool   physics went NaN/inf: ends the episode, not as a crash, with zero reward
-        episode              [N] sums over the episode: return, length (steps), targets (reached), reward_<term>;
-                             crashed [N] bool. Where done, the finished episode's; elsewhere, the running ones."""
+        episode              [N] sums over the episode: return, length (steps), targets (reached), crashes (0 or
+                             1), reward_<term>. Where done, the finished episode's; elsewhere, the running ones."""
         self._check(actions)
         cfg = self.cfg
         a = actions.clamp(-1.0, 1.0)  # [N, 4]
@@ -227,7 +278,7 @@ class HoverEnv:
             "smooth": dt * cfg.reward_smooth * (a - self.last_actions).square().sum(1),
             "yaw": dt * cfg.reward_yaw * torch.exp(cfg.yaw_lambda * quat_yaw(quat).abs()),
             "angular": dt * cfg.reward_angular * ang_vel_b.square().sum(1).sqrt(),
-            "crash": dt * cfg.reward_crash * crashed.float(),
+            "crash": dt * self.reward_crash * crashed.float(),
         }
         weighted = torch.stack(tuple(terms.values()), 1).masked_fill_(nonfinite[:, None], 0.0)  # [N, terms]
         reward = weighted.sum(1)  # [N]
@@ -241,7 +292,8 @@ class HoverEnv:
         sums = self._sums + torch.cat((weighted, self._ones, at_target.float()[:, None]), 1)  # [N, terms + 2]
         self._sums = sums.masked_fill(done[:, None], 0.0)
         episode = {f"reward_{name}": sums[:, i] for i, name in enumerate(terms)}
-        episode.update(length=sums[:, -2], targets=sums[:, -1], crashed=crashed, **{"return": sums[:, :-2].sum(1)})
+        episode.update(length=sums[:, -2], targets=sums[:, -1], crashes=crashed.float(),
+                       **{"return": sums[:, :-2].sum(1)})
 
         # Observation before any reset (bootstrapping target for time-outs). The action slot holds the action
         # applied in this step; the Genesis example stores the one before it (one step staler).
@@ -263,23 +315,75 @@ class HoverEnv:
         info = {"time_outs": time_outs, "final_obs": final_obs, "episode": episode, "nonfinite": nonfinite}
         return obs, reward, done, info
 
+    # ------------------------------------------------------------------------------------------------- eval.py
+    def measure(self) -> dict:
+        """What eval.py records after every step: each drone's distance to its target [N], and drone 0's position
+        and target [6] for the picture."""
+        return {"distance_m": torch.linalg.vector_norm(self.target_pos - self.base_pos, dim=1),
+                "drone_0": torch.cat((self.base_pos[0], self.target_pos[0]))}
 
-class EpisodeStats:
-    """Sums over finished episodes, kept on the device (no sync per step); train.py and eval.py count with it."""
-    def __init__(self, device):
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # count, return, length, targets, crashed
 
-    def add(self, done, episode):  # done [N] bool: which episodes to count; episode: env.step's per-episode sums
-        d = done.double()
-        self.sums += torch.stack([d, episode["return"] * d, episode["length"] * d, episode["targets"] * d,
-                                  episode["crashed"] * d]).sum(1)
+# The task contract's names, for train.py, eval.py and export.py.
+Config, Env = HoverConfig, HoverEnv
 
-    def read(self, dt, all_sum=None):
-        """Per-episode means and per-drone-minute rates over all workers (one host sync); the sums restart."""
-        count, ret, length, targets, crashed = (all_sum(self.sums) if all_sum else self.sums).tolist()
-        self.sums.zero_()
-        minutes = length * dt / 60
-        return {"episodes": int(count)} if count == 0 else {
-            "episodes": int(count), "episode_return": ret / count, "episode_length": length / count,
-            "targets_per_episode": targets / count, "crashes_per_episode": crashed / count,
-            "targets_per_drone_min": targets / minutes, "crashes_per_drone_min": crashed / minutes}
+
+def flight_figures(trace: dict) -> dict:
+    """eval.py's figures of a flight; trace holds measure()'s values over the steps, as numpy arrays."""
+    import numpy as np
+    return {"mean_distance_m": float(trace["distance_m"].mean()),
+            "p95_distance_m": float(np.percentile(trace["distance_m"], 95))}
+
+
+def plot_flight(trace: dict, dt: float, path: str, seconds: float = 10.0):
+    """The picture of a flight: drone 0's position and targets, and the distance to target, over the first 10 s."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    steps = min(len(trace["done"]), round(seconds / dt))  # longer is a tangle
+    drone, distance, t = trace["drone_0"][:steps].copy(), trace["distance_m"][:steps], np.arange(steps) * dt
+    drone[trace["done"][:steps, 0], :3] = np.nan  # a gap in the line where an episode ended
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for i, (axis, color) in enumerate(zip("xyz", ("C0", "C1", "C2"))):
+        top.plot(t, drone[:, i], color=color, label=f"drone {axis}")
+        top.plot(t, drone[:, 3 + i], color=color, ls="--", lw=1, label=f"target {axis}")
+    top.set(ylabel="position (m)", ylim=(-1.4, 1.9), title="drone 0 and its targets (a new one is drawn within 0.1 m)")
+    top.legend(ncol=6, fontsize=8, loc="upper center")
+    bottom.plot(t, distance[:, 0], label="drone 0")
+    bottom.plot(t, np.median(distance, axis=1), color="gray", lw=1, label=f"median of {distance.shape[1]} drones")
+    bottom.axhline(0.1, color="k", ls=":", lw=1, label="0.1 m: target reached")
+    bottom.set(yscale="log", xlabel="time (s)", ylabel="distance to target (m)")
+    bottom.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------- export.py
+STM32F405 = {"flash": 1024 * 1024, "ram": 192 * 1024, "mhz": 168}  # the Crazyflie 2.1's microcontroller
+
+
+def describe(cfg: dict) -> dict:
+    """export.py's policy.json: the observation layout and action map a deployment needs, from the task's settings
+    (cfg: a checkpoint's HoverConfig, as a dict)."""
+    rel, vel, ang = cfg["obs_rel_pos_scale"], cfg["obs_lin_vel_scale"], cfg["obs_ang_vel_scale"]
+    observation = (
+        [{"index": i, "name": f"target_{a} - {a}", "frame": "world", "unit": "m", "scale": rel, "clip": [-1, 1]}
+         for i, a in enumerate("xyz")]
+        + [{"index": 3 + i, "name": f"quaternion_{c}", "frame": "body to world, w first", "unit": "", "scale": 1}
+           for i, c in enumerate("wxyz")]
+        + [{"index": 7 + i, "name": f"velocity_{a}", "frame": "body", "unit": "m/s", "scale": vel, "clip": [-1, 1]}
+           for i, a in enumerate("xyz")]
+        + [{"index": 10 + i, "name": f"angular_velocity_{a}", "frame": "body", "unit": "rad/s", "scale": ang,
+            "clip": [-1, 1]} for i, a in enumerate("xyz")]
+        + [{"index": 13 + i, "name": f"previous_action_{i}", "frame": "", "unit": "", "scale": 1, "clip": [-1, 1]}
+           for i in range(4)])
+    motors = [{"index": i, "position_m": [x, y], "spin": spin}  # cf2x.urdf as Genesis loads it; x forward, y left
+              for i, (x, y, spin) in enumerate([(0.028, -0.028, "CW"), (-0.028, -0.028, "CCW"),
+                                                (-0.028, 0.028, "CW"), (0.028, 0.028, "CCW")])]
+    return {"control_rate_hz": round(1 / cfg["dt"]), "observation": observation,
+            "observation_note": "each value is the physical quantity times scale, then clipped; the policy's "
+                                "normalizer is inside every artifact. previous_action is the last action "
+                                "output (clipped), zeros at the start of a flight.",
+            "action": {"size": 4, "range": [-1.0, 1.0], "rpm": "hover_rpm * (1 + rpm_gain * action[i]) for propeller i",
+                       "hover_rpm": cfg["hover_rpm"], "rpm_gain": cfg["rpm_gain"], "motors": motors},
+            "microcontroller": {"name": "STM32F405 (Crazyflie 2.1)", "flash_bytes": STM32F405["flash"],
+                                "ram_bytes": STM32F405["ram"], "mhz": STM32F405["mhz"]}}

@@ -1,22 +1,25 @@
-"""From simulation to the drone: write a trained policy for other programs and for the Crazyflie's microcontroller.
+"""From simulation to the robot: write a trained policy for other programs and for a microcontroller.
 
     python export.py runs/<run>/ckpt_0250.pt                        into runs/<run>/ckpt_0250_export/
     python export.py CKPT --out DIR --formats torch c                 a choice of formats (default: all)
 
-Every artifact is the deterministic policy, observation normalizer included: obs [B, 17] float32, laid out as
-policy.json says, -> action [B, 4] in [-1, 1], where propeller i turns at hover_rpm * (1 + rpm_gain * action[i]).
+Every artifact is the deterministic policy, observation normalizer included: obs [B, obs] float32, laid out as
+policy.json says, -> action [B, act], clipped to the task's range (the drone: [-1, 1], where propeller i turns at
+hover_rpm * (1 + rpm_gain * action[i])). The sizes and the activation come from the checkpoint.
 
     policy.pt2          a torch.export program: torch.export.load("policy.pt2").module()(obs), with torch alone
                         (torch 2.13 deprecates TorchScript's jit.script and jit.load; torch.export is its successor)
     policy.onnx         with a dynamic batch axis, when the optional onnx and onnxscript packages are installed
-    policy.h, policy.c  C99 that needs only math.h: void policy_act(const float obs[17], float action[4])
-    policy.json         what a deployment needs: the observation layout, the action map, the control rate, the origin
+    policy.h, policy.c  C99 that needs only math.h: void policy_act(const float obs[OBS], float action[ACT])
+    policy.json         what a deployment needs: the observation layout, the action map, the control rate, the
+                        origin (the task's describe())
 
-Each file is written under a temporary name and renamed when complete. Imports torch and this project's
-torch-only files, not genesis.
+Each file is written under a temporary name and renamed when complete. Imports torch, the task's file (which
+does not start genesis) and this project's torch-only files.
 """
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import io
 import json
@@ -28,9 +31,9 @@ import warnings
 
 import torch
 
-from train import build_policy, load_checkpoint, write_atomically
+from logger import write_atomically
+from train import TASKS, build_policy, load_checkpoint
 
-STM32F405 = {"flash": 1024 * 1024, "ram": 192 * 1024, "mhz": 168}  # the Crazyflie 2.1's microcontroller
 FORMATS = ("torch", "onnx", "c")
 
 
@@ -39,26 +42,38 @@ def fail(message):
     sys.exit(2)
 
 
-class DeployedPolicy(torch.nn.Module):
-    """obs [B, obs] -> action [B, act] in [-1, 1]: normalizer, actor (Linear, tanh, ..., Linear), clip."""
+# The hidden layers' activation: in torch, the C function it calls, the C expression.
+ACTIVATIONS = {"tanh": (torch.tanh, "tanhf", "tanhf(acc)"),
+               "elu": (torch.nn.functional.elu, "expm1f", "acc > 0.0f ? acc : expm1f(acc)")}
 
-    def __init__(self, policy):
+
+class DeployedPolicy(torch.nn.Module):
+    """obs [B, obs] -> action [B, act]: normalizer, actor (Linear, activation, ..., Linear), clip to the task's
+    action range [-clip, clip]."""
+
+    def __init__(self, policy, activation, clip):
         super().__init__()
         norm = policy.obs_norm
         n = policy.actor[0].in_features
         self.register_buffer("mean", norm.mean.clone() if hasattr(norm, "mean") else torch.zeros(n))
         self.register_buffer("std", torch.sqrt(norm.var + norm.eps) if hasattr(norm, "var") else torch.ones(n))
         self.linears = torch.nn.ModuleList(m for m in policy.actor if isinstance(m, torch.nn.Linear))
+        self.activation, self.clip = activation, clip
 
     def forward(self, obs):
         h = (obs - self.mean) / self.std
         for linear in self.linears[:-1]:
-            h = torch.tanh(linear(h))
-        return self.linears[-1](h).clamp(-1.0, 1.0)
+            h = ACTIVATIONS[self.activation][0](linear(h))
+        return self.linears[-1](h).clamp(-self.clip, self.clip)
+
+
+def c_float(v):  # a C float literal: 9 digits hold every float32 exactly; 0 -> 0.0f, not the invalid 0f
+    text = f"{v:.9g}"
+    return text + ("f" if any(c in text for c in ".e") else ".0f")
 
 
 def c_array(name, t):
-    values = ", ".join(f"{v:.9g}f" for v in t.flatten().tolist())  # 9 digits: every float32 exactly
+    values = ", ".join(c_float(v) for v in t.flatten().tolist())
     return f"static const float {name}[{t.numel()}] = {{{values}}};"
 
 
@@ -71,6 +86,7 @@ def c_source(model, header):
         x, y = ("x" if i == 0 else f"h{(i - 1) % 2}"), ("action" if i == len(model.linears) - 1 else f"h{i % 2}")
         calls.append(f"    dense({m.in_features}, {m.out_features}, W{i}, B{i}, {x}, {y}, {int(y != 'action')});")
     n_obs, n_act = model.linears[0].in_features, model.linears[-1].out_features
+    clip = c_float(model.clip)
     return f"""/* Generated by export.py ({header}). The deterministic policy: obs -> action in [-1, 1]. */
 #include <math.h>
 #include "policy.h"
@@ -79,12 +95,12 @@ def c_source(model, header):
 {c_array("OBS_STD", model.std)}
 {chr(10).join(layers)}
 
-/* y = w x + b for a row-major w [n_out][n_in]; tanh applied when activate. */
+/* y = w x + b for a row-major w [n_out][n_in]; {model.activation} applied when activate. */
 static void dense(int n_in, int n_out, const float *w, const float *b, const float *x, float *y, int activate) {{
     for (int o = 0; o < n_out; o++) {{
         float acc = b[o];
         for (int i = 0; i < n_in; i++) acc += w[o * n_in + i] * x[i];
-        y[o] = activate ? tanhf(acc) : acc;
+        y[o] = activate ? {ACTIVATIONS[model.activation][2]} : acc;
     }}
 }}
 
@@ -92,15 +108,16 @@ void policy_act(const float obs[{n_obs}], float action[{n_act}]) {{
     float x[{n_obs}], h0[{width}], h1[{width}];
     for (int i = 0; i < {n_obs}; i++) x[i] = (obs[i] - OBS_MEAN[i]) / OBS_STD[i];
 {chr(10).join(calls)}
-    for (int i = 0; i < {n_act}; i++) action[i] = action[i] < -1.0f ? -1.0f : (action[i] > 1.0f ? 1.0f : action[i]);
+    for (int i = 0; i < {n_act}; i++)
+        action[i] = action[i] < -{clip} ? -{clip} : (action[i] > {clip} ? {clip} : action[i]);
 }}
 """
 
 
 def c_header(n_obs, n_act, header):
     return f"""/* Generated by export.py ({header}). Layout of obs and meaning of action: policy.json. */
-#ifndef HOVER_POLICY_H
-#define HOVER_POLICY_H
+#ifndef POLICY_H
+#define POLICY_H
 #define POLICY_NUM_OBS {n_obs}
 #define POLICY_NUM_ACTIONS {n_act}
 void policy_act(const float obs[POLICY_NUM_OBS], float action[POLICY_NUM_ACTIONS]);
@@ -114,45 +131,26 @@ def footprint(model):
     ram = 4 * (model.mean.numel() + 2 * max(m.out_features for m in model.linears))
     macs = sum(m.in_features * m.out_features for m in model.linears)
     return {"flash_bytes": flash, "stack_bytes": ram, "multiply_adds": macs,
-            "tanhf_calls": sum(m.out_features for m in model.linears[:-1])}
+            f"{ACTIVATIONS[model.activation][1]}_calls": sum(m.out_features for m in model.linears[:-1])}
 
 
-def metadata(ckpt, path, model):
-    """policy.json: everything a deployment needs, from the checkpoint's own task settings."""
-    task = ckpt["task"]
-    rel, vel, ang = task["obs_rel_pos_scale"], task["obs_lin_vel_scale"], task["obs_ang_vel_scale"]
-    observation = (
-        [{"index": i, "name": f"target_{a} - {a}", "frame": "world", "unit": "m", "scale": rel, "clip": [-1, 1]}
-         for i, a in enumerate("xyz")]
-        + [{"index": 3 + i, "name": f"quaternion_{c}", "frame": "body to world, w first", "unit": "", "scale": 1}
-           for i, c in enumerate("wxyz")]
-        + [{"index": 7 + i, "name": f"velocity_{a}", "frame": "body", "unit": "m/s", "scale": vel, "clip": [-1, 1]}
-           for i, a in enumerate("xyz")]
-        + [{"index": 10 + i, "name": f"angular_velocity_{a}", "frame": "body", "unit": "rad/s", "scale": ang,
-            "clip": [-1, 1]} for i, a in enumerate("xyz")]
-        + [{"index": 13 + i, "name": f"previous_action_{i}", "frame": "", "unit": "", "scale": 1, "clip": [-1, 1]}
-           for i in range(4)])
-    motors = [{"index": i, "position_m": [x, y], "spin": spin}  # cf2x.urdf as Genesis loads it; x forward, y left
-              for i, (x, y, spin) in enumerate([(0.028, -0.028, "CW"), (-0.028, -0.028, "CCW"),
-                                                (-0.028, 0.028, "CW"), (0.028, 0.028, "CCW")])]
-    return {"checkpoint": os.path.abspath(path), "iteration": ckpt["iteration"],
-            "control_rate_hz": round(1 / task["dt"]), "observation_size": model.linears[0].in_features,
-            "observation": observation,
-            "observation_note": "each value is the physical quantity times scale, then clipped; the policy's "
-                                "normalizer is inside every artifact. previous_action is the last action "
-                                "output (clipped), zeros at the start of a flight.",
-            "action": {"size": model.linears[-1].out_features, "range": [-1, 1],
-                       "rpm": "hover_rpm * (1 + rpm_gain * action[i]) for propeller i",
-                       "hover_rpm": task["hover_rpm"], "rpm_gain": task["rpm_gain"], "motors": motors},
+def metadata(ckpt, cfg, path, model, task):
+    """policy.json: the task's describe() of the observations and actions, for the checkpoint's own task settings."""
+    return {"checkpoint": os.path.abspath(path), "iteration": ckpt["iteration"], "task": cfg.task,
+            "observation_size": model.linears[0].in_features, "action_size": model.linears[-1].out_features,
+            "network": {"hidden": list(cfg.hidden), "activation": cfg.activation}, **task.describe(ckpt["task"]),
             "c_footprint": footprint(model)}
 
 
 def export(ckpt, cfg, path, out, formats):
-    """Write the chosen formats for the checkpoint (loaded from `path`) into `out`; returns the paths written."""
+    """Write the chosen formats for the checkpoint (loaded from `path`) into `out`; returns the paths written and
+    the task's description (policy.json's)."""
     weights = ckpt["policy"]  # the network's sizes, read from its own tensors
     policy = build_policy(cfg, weights["actor.0.weight"].shape[1], weights["std"].numel())
     policy.load_state_dict(weights)
-    model = DeployedPolicy(policy).eval()
+    task = importlib.import_module(TASKS[cfg.task])
+    meta = task.describe(ckpt["task"])
+    model = DeployedPolicy(policy, cfg.activation, meta["action"]["range"][1]).eval()
     n_obs, n_act = model.linears[0].in_features, model.linears[-1].out_features
     example = torch.zeros(2, n_obs)
     header = f"{os.path.basename(path)}, iteration {ckpt['iteration']}"
@@ -175,8 +173,21 @@ def export(ckpt, cfg, path, out, formats):
     if "c" in formats:
         save("policy.h", lambda tmp: pathlib.Path(tmp).write_text(c_header(n_obs, n_act, header)))
         save("policy.c", lambda tmp: pathlib.Path(tmp).write_text(c_source(model, header)))
-    save("policy.json", lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metadata(ckpt, path, model), indent=2)))
-    return written, footprint(model)
+    meta = metadata(ckpt, cfg, path, model, task)
+    save("policy.json", lambda tmp: pathlib.Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return written, meta
+
+
+def c_summary(size, mcu, hz):
+    """One line: the C policy's flash, stack and arithmetic, as shares of the task's microcontroller if it names one."""
+    def share(n, of):
+        return f" ({100 * n / mcu[of]:.1f} % of the {mcu['name']}'s {mcu[of] // 1024} KB)" if mcu else ""
+    calls = ", ".join(f"{v} {k[:-len('_calls')]}" for k, v in size.items() if k.endswith("_calls"))
+    flash, stack = size["flash_bytes"], size["stack_bytes"]
+    return (f"C policy: {flash / 1024:.1f} KB of constants in flash{share(flash, 'flash_bytes')}"
+            f", {stack / 1024:.1f} KB of stack{share(stack, 'ram_bytes')}, "
+            f"{size['multiply_adds']:,} multiply-adds and {calls} per call: "
+            f"{size['multiply_adds'] * hz / 1e6:.1f} M multiply-adds per second at {hz} Hz")
 
 
 def main(argv=None):
@@ -196,26 +207,19 @@ def main(argv=None):
               "(pip install onnx onnxscript)")
         formats.discard("onnx")
     try:
-        ckpt, cfg = load_checkpoint(args.checkpoint)
+        ckpt, cfg, _ = load_checkpoint(args.checkpoint)
     except ValueError as e:
         fail(e)
-    if "task" not in ckpt:
-        fail(f"{args.checkpoint} predates export.py (it holds no task settings): resume it to save a new one")
     try:
         os.makedirs(out, exist_ok=True)
         if not os.access(out, os.W_OK):
             raise PermissionError(f"[Errno 13] Permission denied: '{out}'")
     except OSError as e:
         fail(f"cannot write into {out}: {e}")
-    written, size = export(ckpt, cfg, args.checkpoint, out, formats)
+    written, meta = export(ckpt, cfg, args.checkpoint, out, formats)
     print("wrote " + ", ".join(written))
     if "c" in formats:
-        print(f"C policy: {size['flash_bytes'] / 1024:.1f} KB of constants in flash "
-              f"({100 * size['flash_bytes'] / STM32F405['flash']:.1f} % of the STM32F405's 1 MB), "
-              f"{size['stack_bytes'] / 1024:.1f} KB of stack ({100 * size['stack_bytes'] / STM32F405['ram']:.1f} % "
-              f"of its 192 KB RAM), {size['multiply_adds']:,} multiply-adds and {size['tanhf_calls']} tanhf per "
-              f"call: {size['multiply_adds'] * 100 / 1e6:.1f} M multiply-adds per second at 100 Hz, on a "
-              f"{STM32F405['mhz']} MHz core")
+        print(c_summary(meta["c_footprint"], meta.get("microcontroller"), meta["control_rate_hz"]))
     return written
 
 

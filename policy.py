@@ -5,15 +5,16 @@
 The N environments do not own copies of the network: their observations are one batch [N, obs] and one
 forward pass answers all of them. Training updates this one set of weights, in place.
 
-    actor   obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> action mean [B, act]
-    critic  obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> value       [B]
+    actor   obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> action mean [B, act]   (widths and activation:
+    critic  obs [B, obs] -> 128 -> tanh -> 128 -> tanh -> value       [B]          constructor arguments)
     std     a learnable vector [act] (not its log, as in rsl_rl): a ~ N(mean, std^2), dims independent;
             used clamped to at least min_std (0: no floor)
 
 For the drone (obs 17, actions 4): 19,332 actor + 18,945 critic = 38,277 weights (153 KB in float32) + 4 std.
 An optional running normalizer of the observations sits in front; its statistics are saved with the weights.
 The actor's last layer starts 100x smaller than PyTorch's default and without bias, so the untrained policy
-commands about the same action (0: hover) for every observation instead of a fixed random bias per output.
+commands about the same action (0: the task's neutral one, such as hover or standing) for every observation
+instead of a fixed random bias per output.
 """
 import math
 from typing import NamedTuple
@@ -22,66 +23,6 @@ import torch
 import torch.nn as nn
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-class _TanhViaSigmoid(torch.autograd.Function):
-    """tanh(x) = 2 sigmoid(2x) - 1, with tanh's own backward, grad * (1 - y^2), from the saved output."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.sigmoid(x * 2).mul_(2).sub_(1)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad, y)
-
-
-class Tanh(nn.Module):
-    """nn.Tanh with an optional speed-up for CPUs, where torch.tanh is several times slower than
-    torch.sigmoid: there it is computed through the sigmoid (within 2e-7 of torch.tanh; the saving is
-    measured in EXPERIMENTS.md). On a GPU it is torch.tanh. Replace it by nn.Tanh to drop the trick."""
-
-    def forward(self, x):
-        return _TanhViaSigmoid.apply(x) if x.device.type == "cpu" else torch.tanh(x)
-
-
-def mlp(sizes):  # Linear, Tanh, Linear, Tanh, ..., Linear
-    layers = [layer for n_in, n_out in zip(sizes, sizes[1:]) for layer in (nn.Linear(n_in, n_out), Tanh())]
-    return nn.Sequential(*layers[:-1])
-
-
-class RunningNorm(nn.Module):
-    """Running mean/variance of observations (Chan et al.'s parallel merge), as buffers saved with the policy."""
-
-    def __init__(self, num_obs, eps=1e-8):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(num_obs))
-        self.register_buffer("var", torch.ones(num_obs))
-        self.register_buffer("count", torch.tensor(0.0))
-        self.eps = eps
-
-    @torch.no_grad()
-    def update(self, obs, all_sum=None):
-        """Merge the moments of obs [B, obs] into the running ones; all_sum(t) sums t over data-parallel workers, so
-        all merge the same global batch. float64: x^2 of a quaternion's w (about 1) must not swamp its variance."""
-        x = obs.double()
-        moments = torch.cat((x.new_tensor([x.shape[0]]), x.sum(0), x.square().sum(0)))  # [1 + 2 obs]
-        if all_sum is not None:
-            all_sum(moments)
-        d, n = x.shape[1], moments[0]
-        batch_mean = moments[1:1 + d] / n
-        batch_var = (moments[1 + d:] / n - batch_mean ** 2).clamp_(min=0)
-        total = self.count.double() + n
-        delta = batch_mean - self.mean
-        self.mean += (delta * (n / total)).float()
-        self.var.copy_((self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total)
-        self.count.copy_(total)
-
-    def forward(self, obs):
-        return (obs - self.mean) / torch.sqrt(self.var + self.eps)
 
 
 class ActOutput(NamedTuple):  # policy.act: one rollout step of N envs
@@ -101,10 +42,11 @@ class EvaluateOutput(NamedTuple):  # policy.evaluate: B stored samples scored by
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, num_obs, num_actions, hidden=(128, 128), init_std=1.0, normalize_obs=False, min_std=0.0):
+    def __init__(self, num_obs, num_actions, hidden=(128, 128), init_std=1.0, normalize_obs=False, min_std=0.0,
+                 activation="tanh"):
         super().__init__()
-        self.actor = mlp([num_obs, *hidden, num_actions])
-        self.critic = mlp([num_obs, *hidden, 1])
+        self.actor = mlp([num_obs, *hidden, num_actions], activation)
+        self.critic = mlp([num_obs, *hidden, 1], activation)
         self.std = nn.Parameter(init_std * torch.ones(num_actions))
         self.min_std = min_std  # a floor keeps small batches exploring (EXPERIMENTS.md)
         with torch.no_grad():  # the untrained actor commands about 0 (hover) whatever it sees (EXPERIMENTS.md)
@@ -143,3 +85,69 @@ class ActorCritic(nn.Module):
 
 def gaussian_log_prob(actions, mean, std):  # [B, act] each -> [B], independent dims: log-probs add
     return (-0.5 * ((actions - mean) / std) ** 2 - torch.log(std) - LOG_SQRT_2PI).sum(-1)
+
+
+def mlp(sizes, activation="tanh"):  # Linear, activation, Linear, activation, ..., Linear
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    layers = [layer for n_in, n_out in zip(sizes, sizes[1:]) for layer in (nn.Linear(n_in, n_out),
+                                                                            ACTIVATIONS[activation]())]
+    return nn.Sequential(*layers[:-1])
+
+
+class RunningNorm(nn.Module):
+    """Running mean/variance of observations (Chan et al.'s parallel merge), as buffers saved with the policy."""
+
+    def __init__(self, num_obs, eps=1e-8):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_obs))
+        self.register_buffer("var", torch.ones(num_obs))
+        self.register_buffer("count", torch.tensor(0.0))
+        self.eps = eps
+
+    @torch.no_grad()
+    def update(self, obs, all_sum=None):
+        """Merge the moments of obs [B, obs] into the running ones; all_sum(t) sums t over data-parallel workers, so
+        all merge the same global batch. float64: x^2 of a quaternion's w (about 1) must not swamp its variance."""
+        x = obs.double()
+        moments = torch.cat((x.new_tensor([x.shape[0]]), x.sum(0), x.square().sum(0)))  # [1 + 2 obs]
+        if all_sum is not None:
+            all_sum(moments)
+        d, n = x.shape[1], moments[0]
+        batch_mean = moments[1:1 + d] / n
+        batch_var = (moments[1 + d:] / n - batch_mean ** 2).clamp_(min=0)
+        total = self.count.double() + n
+        delta = batch_mean - self.mean
+        self.mean += (delta * (n / total)).float()
+        self.var.copy_((self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total)
+        self.count.copy_(total)
+
+    def forward(self, obs):
+        return (obs - self.mean) / torch.sqrt(self.var + self.eps)
+
+
+class _TanhViaSigmoid(torch.autograd.Function):
+    """tanh(x) = 2 sigmoid(2x) - 1, with tanh's own backward, grad * (1 - y^2), from the saved output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sigmoid(x * 2).mul_(2).sub_(1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+class Tanh(nn.Module):
+    """nn.Tanh with an optional speed-up for CPUs, where torch.tanh is several times slower than
+    torch.sigmoid: there it is computed through the sigmoid (within 2e-7 of torch.tanh; the saving is
+    measured in EXPERIMENTS.md). On a GPU it is torch.tanh. Replace it by nn.Tanh to drop the trick."""
+
+    def forward(self, x):
+        return _TanhViaSigmoid.apply(x) if x.device.type == "cpu" else torch.tanh(x)
+
+
+ACTIVATIONS = {"tanh": Tanh, "elu": nn.ELU}

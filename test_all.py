@@ -1,6 +1,16 @@
-"""Tests of every stage, one section per file. Run: python -m pytest test_all.py"""
+"""Tests of every stage, one section per file. Run: python -m pytest test_all.py
+
+The sections of the torch-only files (adam, policy, storage, ppo, logger) come first and import nothing of
+Genesis: `python -m pytest test_all.py -k adam` runs in seconds, and a stage copied into another project can
+take its section along. The Genesis sections build one scene per task for the whole file, with Genesis's
+performance mode off (GS_PERFORMANCE_MODE=0, set here for this process and every one the tests start; see
+env.init_genesis): a cached scene then builds in seconds, whatever its number of envs.
+"""
 import copy
+import dataclasses
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +20,8 @@ from adam import Adam
 from policy import ActorCritic, Tanh
 from ppo import PPOConfig, adapt_lr, clip_grad_norm_, gaussian_kl, gradient_buffers, ppo_loss, update
 from storage import RolloutStorage
+
+os.environ["GS_PERFORMANCE_MODE"] = "0"
 
 
 def small_mlp(seed=0):
@@ -104,28 +116,6 @@ def test_adam_tensor_lr_equals_float_lr():
     assert torch.allclose(o1.theta, o2.theta, atol=1e-7)
 
 
-def test_ppo_clips_the_flat_gradient_as_torch_clips_each_tensor():
-    """ppo.py finds adam.Adam's flat gradient from the tensors alone (one buffer to average and clip), falls
-    back to the tensors of a torch optimizer, and clips both as torch.nn.utils.clip_grad_norm_ does."""
-    m1, m2, m3 = small_mlp(), small_mlp(), small_mlp()
-    opt = Adam(m1.parameters())
-    opt.zero_grad()
-    for m in (m1, m2, m3):
-        (100 * regression_loss(m, 0)).backward()
-    flat = gradient_buffers(list(m1.parameters()))
-    assert len(flat) == 1 and flat[0].data_ptr() == opt.g.data_ptr() and flat[0].numel() == opt.g.numel()
-    per_tensor = gradient_buffers(list(m2.parameters()))
-    assert len(per_tensor) == len(list(m2.parameters()))
-    norm, norm2 = clip_grad_norm_(flat, 1.0), clip_grad_norm_(per_tensor, 1.0)
-    ref_norm = torch.nn.utils.clip_grad_norm_(m3.parameters(), 1.0)
-    assert torch.allclose(norm, ref_norm) and torch.allclose(norm2, ref_norm)
-    assert norm > 1.0  # clipping was active
-    for m in (m1, m2):
-        assert torch.allclose(torch.cat([p.grad.flatten() for p in m.parameters()]),
-                              torch.cat([p.grad.flatten() for p in m3.parameters()]), atol=1e-7)
-    assert torch.linalg.vector_norm(opt.g) == pytest.approx(1.0, rel=1e-5)
-
-
 def test_adam_detects_detached_grads():
     model = small_mlp()
     opt = Adam(model.parameters())
@@ -144,6 +134,28 @@ def test_policy_parameter_count_is_the_seeds():
     assert count(policy.critic) == 18_945
     assert count(policy.actor) + count(policy.critic) == 38_277
     assert count(policy) == 38_281 and policy.std.numel() == 4
+
+
+def test_policy_widths_and_activation_are_arguments():
+    """Another robot's network (the Go2 example's: 512-256-128 ELU, 45 obs, 12 actions) from the same class; the
+    default stays the seed's tanh network, built in the same order (so a seeded drone run is unchanged)."""
+    torch.manual_seed(0)
+    elu = ActorCritic(45, 12, hidden=(512, 256, 128), activation="elu")
+    assert [m.out_features for m in elu.actor if isinstance(m, nn.Linear)] == [512, 256, 128, 12]
+    assert sum(isinstance(m, nn.ELU) for m in elu.actor) == 3 and sum(isinstance(m, nn.ELU) for m in elu.critic) == 3
+    assert sum(p.numel() for p in elu.parameters()) == 189_324 + 187_905 + 12
+    linears, h = [m for m in elu.actor if isinstance(m, nn.Linear)], torch.randn(5, 45)
+    x = h
+    for linear in linears[:-1]:
+        h = torch.nn.functional.elu(linear(h))
+    assert torch.allclose(elu.act_deterministic(x), linears[-1](h), atol=1e-6)
+    torch.manual_seed(0)
+    a = ActorCritic(17, 4)
+    torch.manual_seed(0)
+    b = ActorCritic(17, 4, activation="tanh")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="activation must be one of tanh, elu"):
+        ActorCritic(17, 4, activation="relu6")
 
 
 def test_learner_memory_is_the_seeds_table():
@@ -334,6 +346,28 @@ def test_storage_memory_report_and_overflow():
 
 # ---------------------------------------------------------------- ppo.py
 
+def test_ppo_clips_the_flat_gradient_as_torch_clips_each_tensor():
+    """ppo.py finds adam.Adam's flat gradient from the tensors alone (one buffer to average and clip), falls
+    back to the tensors of a torch optimizer, and clips both as torch.nn.utils.clip_grad_norm_ does."""
+    m1, m2, m3 = small_mlp(), small_mlp(), small_mlp()
+    opt = Adam(m1.parameters())
+    opt.zero_grad()
+    for m in (m1, m2, m3):
+        (100 * regression_loss(m, 0)).backward()
+    flat = gradient_buffers(list(m1.parameters()))
+    assert len(flat) == 1 and flat[0].data_ptr() == opt.g.data_ptr() and flat[0].numel() == opt.g.numel()
+    per_tensor = gradient_buffers(list(m2.parameters()))
+    assert len(per_tensor) == len(list(m2.parameters()))
+    norm, norm2 = clip_grad_norm_(flat, 1.0), clip_grad_norm_(per_tensor, 1.0)
+    ref_norm = torch.nn.utils.clip_grad_norm_(m3.parameters(), 1.0)
+    assert torch.allclose(norm, ref_norm) and torch.allclose(norm2, ref_norm)
+    assert norm > 1.0  # clipping was active
+    for m in (m1, m2):
+        assert torch.allclose(torch.cat([p.grad.flatten() for p in m.parameters()]),
+                              torch.cat([p.grad.flatten() for p in m3.parameters()]), atol=1e-7)
+    assert torch.linalg.vector_norm(opt.g) == pytest.approx(1.0, rel=1e-5)
+
+
 def test_ppo_loss_by_hand():
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
     ratio = torch.tensor([1.5, 0.9, 0.5, 1.1])  # clipped, inside, clipped, inside
@@ -504,14 +538,89 @@ class StayPut:
         return torch.zeros(obs.shape[0], 2)
 
 
-# ---------------------------------------------------------------- env.py
-# One scene is built for the whole section (the first build compiles Genesis kernels, ~1.5 min on CPU; later
+# ---------------------------------------------------------------- logger.py
+from logger import EpisodeStats, RunLog, tensorboard_name, write_atomically
+
+
+def test_episode_stats_average_what_ended_and_rate_the_counts_per_env_minute():
+    """Two steps of 4 envs: the episodes that ended are averaged per episode, the counts are divided by the minutes
+    of the ended episodes; the running ones are not counted until they end."""
+    stats = EpisodeStats(rates=("targets", "crashes"), unit="drone", dt=0.01)
+    step1 = {"return": torch.tensor([1.0, 2.0, 3.0, 4.0]), "length": torch.tensor([100.0, 200.0, 300.0, 400.0]),
+             "targets": torch.tensor([1.0, 0.0, 5.0, 9.0]), "crashes": torch.tensor([0.0, 1.0, 0.0, 0.0])}
+    stats.add(torch.tensor([True, True, False, False]), step1)
+    stats.add(torch.tensor([False, False, True, False]), {k: v * 2 for k, v in step1.items()})
+    row = stats.read()
+    minutes = (100 + 200 + 600) * 0.01 / 60
+    assert row["episodes"] == 3 and row["episode_length"] == pytest.approx(300.0)
+    assert row["episode_return"] == pytest.approx((1 + 2 + 6) / 3) and row["episode_crashes"] == pytest.approx(1 / 3)
+    assert row["targets_per_drone_min"] == pytest.approx((1 + 0 + 10) / minutes)
+    assert row["crashes_per_drone_min"] == pytest.approx(1 / minutes)
+    assert stats.read() == {"episodes": 0}  # read() restarts the sums
+    stats.add(torch.tensor([False, False, False, True]), step1)
+    doubled = stats.read(all_sum=lambda t: t.mul_(2))  # as if a second worker had seen the same
+    assert doubled["episodes"] == 2 and doubled["episode_return"] == pytest.approx(4.0)
+
+
+def test_tensorboard_names_are_rsl_rls():
+    assert [tensorboard_name(k) for k in ("value_loss", "surrogate", "entropy", "lr", "action_std", "steps_per_s",
+                                          "collect_s", "learn_s", "episode_return", "episode_length")] == [
+        "Loss/value_function", "Loss/surrogate", "Loss/entropy", "Loss/learning_rate", "Policy/mean_std",
+        "Perf/total_fps", "Perf/collection time", "Perf/learning_time", "Train/mean_reward",
+        "Train/mean_episode_length"]
+    assert tensorboard_name("episode_reward_tracking_lin_vel") == "Episode/reward_tracking_lin_vel"
+    assert tensorboard_name("crashes_per_drone_min") == "Train/crashes_per_drone_min"
+
+
+def test_run_log_appends_rows_and_only_the_main_worker_writes(tmp_path, capsys):
+    stats = EpisodeStats(rates=("falls",), unit="robot", dt=0.02)
+    row = {"iteration": 3, "steps_per_s": 1000.0, "episodes": 2, "episode_return": 1.5, "falls_per_robot_min": 0.25,
+           "kl": 0.01, "lr": 1e-3, "action_std": 0.5, "elapsed_s": 61.0, "eta_s": 3600.0}
+    for _ in range(2):  # a resumed run appends to the same metrics.jsonl
+        log = RunLog(str(tmp_path / "run"), {"seed": 1}, stats, max_iterations=10)
+        log.write(row)
+        log.close()
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "iter    3/10    1,000 steps/s  return   1.500  falls/robot-min  0.250  kl 0.0100  lr 1.0e-03  std 0.500  "
+        "elapsed 00:01:01  eta 01:00:00")
+    assert [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [row] * 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"seed": 1}
+    quiet = RunLog(str(tmp_path / "other"), {"seed": 1}, stats, max_iterations=10, active=False)
+    quiet.write(row)
+    quiet.save("ckpt_0003.pt", {"iteration": 3})
+    quiet.close()
+    assert not (tmp_path / "other").exists() and capsys.readouterr().out == ""
+
+
+def test_save_interrupted_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    log = RunLog(str(tmp_path), {}, EpisodeStats((), "env", 0.01), max_iterations=10)
+    log.save("ckpt.pt", {"iteration": 7})
+    real_save = torch.save
+
+    def dies_mid_write(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"half a file")
+        raise KeyboardInterrupt  # e.g. Ctrl-C or a kill during the write
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        log.save("ckpt.pt", {"iteration": 8})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "ckpt.pt")["iteration"] == 7
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # no temporary file left
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(str(tmp_path / "policy.c"), lambda tmp: dies_mid_write(None, tmp))
+    assert not (tmp_path / "policy.c").exists()
+
+
+# ---------------------------------------------------------------- env.py: the drone task
+# One scene of N drones for the whole file (the first build compiles Genesis's kernels, minutes on a CPU; later
 # runs hit the kernel cache). Every test starts from env.reset(), so the order does not matter. Some tests set
 # env state directly (targets, episode counters, drone pose) to construct situations quickly; each says so.
 from torch.overrides import TorchFunctionMode
 
 import env as env_module
-from env import EpisodeStats, HoverConfig, HoverEnv
+from env import HoverConfig, HoverEnv
 
 REWARD_TERMS = ("target", "smooth", "yaw", "angular", "crash")
 
@@ -559,7 +668,7 @@ def test_shapes_dtypes_device(env):
     assert info["time_outs"].shape == (N,) and info["time_outs"].dtype == torch.bool
     assert info["nonfinite"].shape == (N,) and info["nonfinite"].dtype == torch.bool
     assert info["final_obs"].shape == (N, 17)
-    keys = {"return", "length", "targets", "crashed", *(f"reward_{t}" for t in REWARD_TERMS)}
+    keys = {"return", "length", "targets", "crashes", *(f"reward_{t}" for t in REWARD_TERMS)}
     assert set(info["episode"]) == keys
     assert all(v.shape == (N,) and v.device.type == "cpu" for v in info["episode"].values())
     assert env.base_pos.shape == (N, 3) and env.target_pos.shape == (N, 3)
@@ -619,7 +728,7 @@ def test_min_throttle_crashes_and_resets(env):
             break
     assert done.all() and 30 < step < 100  # ~0.45 s of near free fall from 1 m
     ep = info["episode"]
-    assert ep["crashed"].all() and not info["time_outs"].any() and not info["nonfinite"].any()
+    assert (ep["crashes"] == 1).all() and not info["time_outs"].any() and not info["nonfinite"].any()
     assert (info["final_obs"][:, 2] > 0.9 / 3).all()  # pre-reset height below 0.1 m: rel z > 0.9
     assert torch.allclose(ep["reward_crash"], torch.full((N,), -10.0 * DT))
     assert torch.equal(ep["length"], torch.full((N,), float(step)))
@@ -639,7 +748,7 @@ def test_time_out_after_1500_steps(env):
         _, _, done, info = env.step(torch.zeros(N, 4))
         assert not done.any()
     obs, _, done, info = env.step(torch.zeros(N, 4))
-    assert done.all() and info["time_outs"].all() and not info["episode"]["crashed"].any()
+    assert done.all() and info["time_outs"].all() and not info["episode"]["crashes"].any()
     assert torch.equal(info["episode"]["length"], torch.full((N,), 5.0))  # steps actually stepped
     assert torch.equal(env.episode_length, torch.zeros(N, dtype=torch.int32))
     assert torch.allclose(obs, expected_reset_obs(env), atol=1e-6)
@@ -655,7 +764,7 @@ def test_crash_on_last_step_counts_as_crash(env):
     env.drone.set_qpos(qpos, zero_velocity=True)
     _, _, done, info = env.step(torch.zeros(N, 4))
     assert done.all()
-    assert info["episode"]["crashed"].tolist() == [True] + [False] * (N - 1)
+    assert info["episode"]["crashes"].tolist() == [1.0] + [0.0] * (N - 1)
     assert info["time_outs"].tolist() == [False] + [True] * (N - 1)
 
 
@@ -722,6 +831,38 @@ def test_env_pays_capped_progress(env):
     capped = 10 * DT * 2 * prev_dist * 0.05 * DT
     assert (10 * DT * (prev_dist.square() - dist2) > 1.5 * capped).all()  # uncapped, it would be paid more
     assert torch.allclose(info["episode"]["reward_target"], capped, rtol=1e-4)
+
+
+def test_crash_scale_grows_over_the_ramp_then_holds():
+    cfg = HoverConfig(crash_multiple=10.0, crash_ramp=(100, 200))
+    scales = [env_module.crash_scale(i, cfg) for i in (1, 100, 150, 200, 250)]
+    assert scales == [1.0, 1.0, 5.5, 10.0, 10.0]
+    assert env_module.crash_scale(50, HoverConfig(crash_multiple=10.0, crash_ramp=(50, 50))) == 10.0  # a step
+    assert {env_module.crash_scale(i, HoverConfig()) for i in range(0, 400, 7)} == {1.0}  # the default: unchanged
+    for bad in (dict(crash_multiple=0.0), dict(crash_ramp=(200, 100)), dict(crash_ramp=(100,)),
+                dict(progress_speed_cap=-1.0)):
+        with pytest.raises(ValueError, match="must be"):
+            HoverConfig(**bad)
+
+
+def test_set_iteration_grows_the_crash_penalty_the_env_pays(env):
+    """The curriculum is the task's: train.py only tells the env the iteration. A drone put 5 cm above the ground
+    crashes in one step and pays the penalty of that iteration."""
+    env.cfg = HoverConfig(crash_multiple=4.0, crash_ramp=(10, 20))
+    try:
+        for iteration, multiple in ((5, 1.0), (15, 2.5), (30, 4.0)):
+            env.set_iteration(iteration)
+            env.reset()
+            qpos = env.drone.get_qpos()
+            qpos[:, 2] = 0.05
+            env.drone.set_qpos(qpos, zero_velocity=True)
+            _, _, done, info = env.step(torch.zeros(N, 4))
+            paid = info["episode"]["reward_crash"]
+            assert done.all() and torch.allclose(paid, torch.full((N,), -10.0 * multiple * DT))
+    finally:
+        env.cfg = CFG
+        env.set_iteration(1)
+    assert env.reward_crash == CFG.reward_crash
 
 
 def test_reward_yaw_convention(env):
@@ -845,7 +986,7 @@ def test_nonfinite_state_is_reset(env):
     obs, rew, done, info = env.step(torch.zeros(N, 4))
     assert info["nonfinite"].tolist() == [False, True] + [False] * (N - 2)
     assert done.tolist() == info["nonfinite"].tolist()
-    assert not info["episode"]["crashed"][1] and not info["time_outs"][1] and rew[1] == 0
+    assert info["episode"]["crashes"][1] == 0 and not info["time_outs"][1] and rew[1] == 0
     for t in (obs, rew, info["final_obs"], env.base_pos):
         assert torch.isfinite(t).all()
     obs, _, done, info = env.step(torch.zeros(N, 4))
@@ -893,16 +1034,175 @@ def test_one_genesis_backend_per_process(env):
         HoverEnv(num_envs=2, device="mps")
 
 
-# ---------------------------------------------------------------- train.py
-import json
-import os
-import subprocess
-import sys
+def test_measure_gives_eval_the_distance_and_drone_0(env):
+    env.reset()
+    env.step(torch.zeros(N, 4))
+    m = env.measure()
+    assert torch.allclose(m["distance_m"], (env.target_pos - env.base_pos).norm(dim=1))
+    assert torch.equal(m["drone_0"], torch.cat((env.base_pos[0], env.target_pos[0])))
 
+
+# ---------------------------------------------------------------- examples/go2/go2_env.py: a second robot
+# One scene of G Go2 robots for the whole file, like the drones'. The same contract, the same checks.
+import examples.go2.go2_env as go2_module
+from examples.go2.go2_env import Go2Config, Go2Env
+
+G = 4
+GO2_TERMS = ("tracking_lin_vel", "tracking_ang_vel", "lin_vel_z", "base_height", "action_rate", "similar_to_default")
+
+
+@pytest.fixture(scope="module")
+def go2():
+    return Go2Env(num_envs=G, device="cpu", seed=0)
+
+
+def test_go2_keeps_the_task_contract(go2):
+    obs = go2.reset()
+    assert obs.shape == (G, 45) and obs.dtype == torch.float32 and go2.num_obs == 45 and go2.num_actions == 12
+    assert go2.dt == 0.02 and go2.max_episode_length == 1000 and go2.unit == "robot" and go2.rates == ("falls",)
+    obs, rew, done, info = go2.step(torch.zeros(G, 12))
+    assert obs.shape == (G, 45) and rew.shape == (G,) and rew.dtype == torch.float32
+    assert done.shape == (G,) and done.dtype == torch.bool and info["time_outs"].dtype == torch.bool
+    assert info["final_obs"].shape == (G, 45) and info["nonfinite"].shape == (G,)
+    assert set(info["episode"]) == {"return", "length", "falls", *(f"reward_{t}" for t in GO2_TERMS)}
+    assert all(v.shape == (G,) for v in info["episode"].values())
+    go2.set_iteration(7)  # the contract's curriculum hook: this task has none
+
+
+def test_go2_starts_standing_level_with_its_command(go2):
+    obs = go2.reset()
+    expected = torch.zeros(G, 45)
+    expected[:, 5] = -1.0  # gravity straight down the body's z
+    expected[:, 6] = 0.5 * 2.0  # the example's command, 0.5 m/s forward, times the observation scale
+    assert torch.equal(obs, expected) and torch.equal(go2.commands, torch.tensor([[0.5, 0.0, 0.0]] * G))
+    angles = go2.robot.get_dofs_position(go2._motors)
+    assert torch.allclose(angles, torch.tensor(Go2Config().default_joint_angles).expand(G, 12), atol=1e-6)
+    assert torch.allclose(go2.robot.get_pos(), torch.tensor([0.0, 0.0, 0.42]).expand(G, 3), atol=1e-6)
+
+
+def test_go2_stands_on_zero_action_and_observes_its_state(go2):
+    go2.reset()
+    for _ in range(25):  # 0.5 s
+        obs, _, done, info = go2.step(torch.zeros(G, 12))
+        assert not done.any()
+    height = go2.robot.get_pos()[:, 2]
+    assert ((height > 0.2) & (height < 0.42)).all()  # it settled onto its legs, in the default pose
+    quat = go2.robot.get_quat()
+    R_T = rotation_matrix(quat).transpose(1, 2)
+    ang_b = (R_T @ go2.robot.get_ang()[:, :, None])[..., 0]
+    assert torch.allclose(obs[:, :3], ang_b * 0.25, atol=1e-5)
+    assert torch.allclose(obs[:, 3:6], -R_T[:, :, 2], atol=1e-5)  # R^T (0, 0, -1)
+    defaults = torch.tensor(Go2Config().default_joint_angles)
+    assert torch.allclose(obs[:, 9:21], go2.robot.get_dofs_position(go2._motors) - defaults, atol=1e-5)
+    assert torch.allclose(obs[:, 21:33], go2.robot.get_dofs_velocity(go2._motors) * 0.05, atol=1e-5)
+    assert torch.equal(obs[:, 33:], torch.zeros(G, 12)) and torch.equal(info["final_obs"], obs)
+    vel_b = (R_T @ go2.robot.get_vel()[:, :, None])[..., 0]
+    assert torch.allclose(go2.measure()["forward_velocity"], vel_b[:, 0], atol=1e-5)
+
+
+def test_go2_applies_each_action_one_step_late(go2):
+    """Robot 0 commands its FR thigh +1 (0.25 rad above the default), the others 0. With the example's latency the
+    joints get the previous step's action: after one step all robots are still alike, after two robot 0's thigh
+    has moved. Without the latency, it moves in the first step."""
+    actions = torch.zeros(G, 12)
+    actions[0, 1] = 1.0
+    for latency, differs_after in ((True, 2), (False, 1)):
+        go2.cfg = dataclasses.replace(Go2Config(), action_latency=latency)
+        try:
+            go2.reset()
+            for step in (1, 2):
+                obs, *_ = go2.step(actions)
+                thigh = obs[:, 10]  # FR thigh angle - default
+                moved = thigh[0] - thigh[1]
+                assert (moved > 0.01) == (step >= differs_after), (latency, step, thigh)
+                assert torch.allclose(thigh[1:], thigh[1:2].expand(G - 1), atol=1e-6)
+        finally:
+            go2.cfg = Go2Config()
+
+
+def test_go2_tilt_is_genesis_roll_and_pitch():
+    from genesis.utils.geom import quat_to_xyz
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1000, 4, generator=g)
+    q = q / q.norm(dim=1, keepdim=True)
+    down = torch.tensor([[0.0, 0.0, -1.0]]).expand(1000, 3)
+    roll, pitch = go2_module.tilt_deg(env_module.quat_rotate_inverse(q, down))
+    rpy = quat_to_xyz(q, rpy=True, degrees=True)
+    ok = rpy[:, 1].abs() < 85  # away from gimbal lock, where roll is undefined
+    assert torch.allclose(roll[ok], rpy[ok, 0], atol=1e-2) and torch.allclose(pitch, rpy[:, 1], atol=1e-2)
+
+
+def test_go2_falls_past_10_degrees_and_times_out_after_1000_steps(go2):
+    """Robots 0 and 1 are put rolled and pitched by 15 degrees directly: a fall, not a time-out; robots 2 and 3 hit
+    the time-out (their counters set to 999 directly) on the same step."""
+    go2.reset()
+    qpos = go2.robot.get_qpos()
+    for i, (r, p) in enumerate(((15.0, 0.0), (0.0, -15.0))):
+        r, p = math.radians(r) / 2, math.radians(p) / 2
+        qpos[i, 3:7] = torch.tensor([math.cos(r) * math.cos(p), math.sin(r) * math.cos(p), math.cos(r) * math.sin(p),
+                                     -math.sin(r) * math.sin(p)])  # q_y(pitch) q_x(roll)
+    go2.robot.set_qpos(qpos, zero_velocity=True)
+    go2.episode_length.fill_(999)
+    obs, _, done, info = go2.step(torch.zeros(G, 12))
+    assert done.all() and info["episode"]["falls"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert info["time_outs"].tolist() == [False, False, True, True]
+    assert torch.equal(info["episode"]["length"], torch.ones(G))
+    assert torch.equal(go2.episode_length, torch.zeros(G, dtype=torch.int32))
+    assert (info["final_obs"][:2, 3:5].abs().max(1).values > math.sin(math.radians(10))).all()  # tilted gravity
+    assert torch.equal(obs[:, 3:6], torch.tensor([[0.0, 0.0, -1.0]] * G))  # reset: level again
+
+
+def test_go2_rewards_of_one_step(go2):
+    """A one-step episode (counters set to 999 directly): its sums are this step's terms, weighted and times dt."""
+    go2.reset()
+    go2.episode_length.fill_(999)
+    actions = torch.full((G, 12), 0.5)
+    _, rew, done, info = go2.step(actions)
+    ep, final = info["episode"], info["final_obs"]
+    dt = 0.02
+    assert done.all()
+    assert torch.allclose(ep["reward_action_rate"], torch.full((G,), -0.005 * dt * 12 * 0.25))  # from a_prev = 0
+    assert torch.allclose(ep["reward_similar_to_default"], -0.1 * dt * final[:, 9:21].abs().sum(1), atol=1e-7)
+    yaw_rate = final[:, 2] / 0.25
+    assert torch.allclose(ep["reward_tracking_ang_vel"], 0.2 * dt * torch.exp(-yaw_rate.square() / 0.25), atol=1e-7)
+    assert (ep["reward_tracking_lin_vel"] > 0).all() and (ep["reward_lin_vel_z"] <= 0).all()
+    assert (ep["reward_base_height"] < 0).all()  # it starts at 0.42 m, 0.12 m above the height rewarded
+    total = sum(ep[f"reward_{t}"] for t in GO2_TERMS)
+    assert torch.allclose(rew, total, atol=1e-7) and torch.allclose(ep["return"], rew)
+
+
+def test_go2_bad_actions_raise_and_step_has_no_host_sync(go2):
+    go2.reset()
+    for bad in (torch.zeros(G, 4), torch.zeros(G, 12, dtype=torch.float64), torch.full((G, 12), float("nan"))):
+        with pytest.raises(ValueError):
+            go2.step(bad)
+    g = torch.Generator().manual_seed(0)
+    go2.check_actions = False
+    try:
+        with SyncSpy() as spy:
+            for _ in range(40):  # wild actions: robots fall and reset inside the spied steps
+                _, _, done, info = go2.step(torch.randn(G, 12, generator=g) * 3)
+        assert spy.calls == []
+    finally:
+        go2.check_actions = True
+    assert info["episode"]["length"].min() < 40  # someone fell and restarted
+
+
+def test_go2_describe_lists_every_observation():
+    meta = go2_module.describe(dataclasses.asdict(Go2Config()))
+    assert [o["index"] for o in meta["observation"]] == list(range(45)) and meta["control_rate_hz"] == 50
+    assert meta["observation"][6]["name"] == "command_forward_m_s" and meta["observation"][6]["scale"] == 2.0
+    assert meta["action"]["size"] == 12 and meta["action"]["joints"][0] == "FR_hip_joint"
+    assert meta["action"]["range"] == [-100.0, 100.0]
+
+
+# ---------------------------------------------------------------- train.py
 import contextlib
-import dataclasses
+import importlib.util
 import io
 import shutil
+import subprocess
+import sys
 
 import eval as evaluation
 import train
@@ -925,7 +1225,11 @@ TINY = ["--device", "cpu", "--workers", "1", "--num-envs", "8", "--num-steps", "
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at"),
     (["--normalize-obs", "ture"], "argument --normalize-obs: expected true or false"),
     (["--hidden", "64", "x"], "argument --hidden: invalid int value: 'x'"),
-    (["--eval", "runs/x/ckpt_0010.pt"], "evaluation moved to its own script: python eval.py runs/x/ckpt_0010.pt"),
+    (["--task", "humanoid"], "argument --task: invalid choice: 'humanoid' (choose from 'hover', 'go2')"),
+    (["--activation", "relu6"], "argument --activation: invalid choice: 'relu6' (choose from 'tanh', 'elu')"),
+    (["--task", "go2", "--progress-speed-cap", "1"], "unrecognized arguments: --progress-speed-cap 1"),
+    (["--task", "go2", "--default-joint-angles", "0", "1"], "--default-joint-angles needs one angle per joint (12)"),
+    (["--eval", "runs/x/ckpt_0010.pt"], "unrecognized arguments: --eval"),
 ])
 def test_train_rejects_bad_settings_before_genesis(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -959,61 +1263,44 @@ def test_train_rejects_corrupt_and_mismatched_checkpoints(tmp_path, capsys):
 @pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("1", True), ("yes", True),
                                          ("false", False), ("FALSE", False), ("0", False), ("no", False)])
 def test_train_booleans_are_strict(text, value):
-    assert train.build_config(train.parse_args(["--device", "cpu", "--normalize-obs", text])).normalize_obs is value
-
-
-def test_crash_scale_grows_over_the_ramp_then_holds():
-    cfg = train.TrainConfig(crash_multiple=10.0, crash_ramp=(100, 200))
-    scales = [train.crash_scale(i, cfg) for i in (1, 100, 150, 200, 250)]
-    assert scales == [1.0, 1.0, 5.5, 10.0, 10.0]
-    assert train.crash_scale(50, dataclasses.replace(cfg, crash_ramp=(50, 50))) == 10.0  # a step
-    assert {train.crash_scale(i, train.TrainConfig()) for i in range(0, 400, 7)} == {1.0}  # the default: unchanged
+    args, task, _ = train.parse_args(["--device", "cpu", "--normalize-obs", text])
+    assert train.build_config(args, task)[0].normalize_obs is value
 
 
 def test_train_settings_come_from_the_declarations(capsys):
-    """--help shows each field's own help text; the CPU preset is a named config, printed when it applies."""
-    with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
-    for cls in (train.TrainConfig, PPOConfig):
-        for f in dataclasses.fields(cls):
-            if f.name != "ppo":
-                assert " ".join(f.metadata["help"].split()) in help_text, f.name
+    """--help shows each field's own help text, the task's settings among them; each task's own training settings
+    (TRAIN) apply, and on a CPU its CPU preset, printed when it applies; flags override both."""
+    for task_name, task in (("hover", env_module), ("go2", go2_module)):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--task", task_name, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        for cls in (train.TrainConfig, PPOConfig):
+            for f in dataclasses.fields(cls):
+                if f.name != "ppo":
+                    assert " ".join(f.metadata["help"].split()) in help_text, f.name
+        assert all(f"--{f.name.replace('_', '-')}" in help_text for f in dataclasses.fields(task.Config))
+        assert f"the task ({task.__name__}.Config)" in help_text and train.as_flags(task.CPU_PRESET) in help_text
+        args, module, _ = train.parse_args(["--task", task_name, "--device", "cpu", "--num-steps", "20"])
+        cfg, task_cfg = train.build_config(args, module)
+        out = capsys.readouterr().out
+        assert module is task and "CPU preset applies" in out and train.as_flags(task.CPU_PRESET) in out
+        assert cfg.task == task_name and cfg.num_steps == 20  # a flag overrides the preset
+        for k, v in {**task.TRAIN, **task.CPU_PRESET}.items():
+            if k != "num_steps":
+                assert getattr(cfg, k, getattr(cfg.ppo, k, getattr(task_cfg, k, None))) == v, k
     assert "upper bound of the adaptive learning rate (rsl_rl's) (default 0.01)" in help_text
-    cfg = train.build_config(train.parse_args(["--device", "cpu", "--num-steps", "20"]))
-    out = capsys.readouterr().out
-    assert "CPU preset applies" in out and train.PRESET_FLAGS in out
-    assert cfg.num_steps == 20 and cfg.num_envs == train.CPU_PRESET["num_envs"]  # a flag overrides the preset
-    assert all(getattr(cfg, k) == v for k, v in train.CPU_PRESET.items() if k != "num_steps")
+    args, task, _ = train.parse_args(["--device", "cpu", "--crash-ramp", "5", "9", "--hidden", "64", "32"])
+    cfg, task_cfg = train.build_config(args, task)
+    assert cfg.task == "hover" and task_cfg.crash_ramp == (5, 9) and cfg.hidden == (64, 32)  # tuples, not lists
 
 
-def test_save_interrupted_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    policy = ActorCritic(17, 4)
-    opt = Adam(policy.parameters())
-
-    cfg = train.TrainConfig(device="cpu")
-    path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, policy, opt, 7, 1.0, cfg, HoverConfig(), torch.Generator())
-    real_save = torch.save
-
-    def dies_mid_write(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"half a file")
-        raise KeyboardInterrupt  # e.g. Ctrl-C or a kill during the write
-
-    monkeypatch.setattr(torch, "save", dies_mid_write)
-    with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, policy, opt, 8, 2.0, cfg, HoverConfig(), torch.Generator())
-    monkeypatch.setattr(torch, "save", real_save)
-    ckpt, loaded_cfg = train.load_checkpoint(path)
-    assert ckpt["iteration"] == 7 and loaded_cfg == cfg
-    assert torch.equal(ckpt["optimizer"]["m"], opt.m)
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # optional: pip install tensorboard
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """The real loop on 8 drones, asked for 5 iterations; a SIGTERM arrives during the second one.
-    Reused by the resume and eval tests."""
+    """The real loop on 8 drones, asked for 5 iterations; a SIGTERM arrives during the second one. It logs for
+    TensorBoard too where the package is installed. Reused by the resume, eval and export tests."""
     import signal
     log_dir = str(tmp_path_factory.mktemp("runs"))
     real_update, calls = train.update, []
@@ -1030,7 +1317,7 @@ def smoke_run(tmp_path_factory):
     try:
         with contextlib.redirect_stdout(out):
             train.main(TINY + ["--max-iterations", "5", "--save-interval", "1", "--log-dir", log_dir,
-                               "--run-name", "smoke"])
+                               "--run-name", "smoke", "--tensorboard", str(TENSORBOARD)])
     finally:
         train.update = real_update
     assert signal.getsignal(signal.SIGTERM) is before  # training's handler is gone when training returns
@@ -1050,7 +1337,7 @@ def test_train_smoke_run_writes_config_metrics_and_checkpoints(smoke_run):
         rows = [json.loads(line) for line in f]
     assert [r["iteration"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["total_steps"] == 64 * r["iteration"] for r in rows)
-    ckpt, _ = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
+    ckpt = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))[0]
     assert ckpt["iteration"] == 2 and ckpt["optimizer"]["t"] == 2 * 2 * 2  # 2 iterations x 2 epochs x 2 minibatches
     with open(os.path.join(os.path.dirname(smoke_run), "stdout.txt")) as f:
         lines = f.read().splitlines()
@@ -1068,7 +1355,7 @@ def test_train_refuses_to_overwrite_a_run(smoke_run, capsys):
 
 
 def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
-    saved, _ = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
+    saved = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))[0]
     saved["task"]["obs_ang_vel_scale"] = 1 / 3.14159  # trained with the Genesis example's scale: resumed with it
     ckpt_path = os.path.join(smoke_run, "ckpt_0002_example_scale.pt")
     torch.save(saved, ckpt_path)
@@ -1084,7 +1371,7 @@ def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
     def rollout_spy(policy, env, *args):
         if not rolled:  # the policy as the first rollout finds it, the observation normalizer's statistics included
             rolled.append({k: v.clone() for k, v in policy.state_dict().items()})
-            rolled.append(env.cfg)
+            rolled.append((env.cfg, env.reward_crash))
         return real_rollout(policy, env, *args)
 
     monkeypatch.setattr(train, "update", spy)
@@ -1096,14 +1383,15 @@ def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
     assert all(torch.equal(weights[k], saved["policy"][k]) for k in weights)
     assert rolled[0].keys() == saved["policy"].keys()
     assert all(torch.equal(rolled[0][k], saved["policy"][k]) for k in rolled[0])
-    # iteration 3 of a crash penalty grown from x1 at iteration 1 to x4 at 3; checkpoints keep the task's own
-    task = HoverConfig(**saved["task"])
-    assert rolled[1] == dataclasses.replace(task, reward_crash=4 * task.reward_crash) and task.reward_crash == -10
-    assert rolled[1].obs_ang_vel_scale == 1 / 3.14159
+    # iteration 3 of a crash penalty grown from x1 at iteration 1 to x4 at 3 (the task's curriculum, flags given
+    # on resume); the checkpoint keeps the task's own penalty, and the scale it was trained with
+    task = HoverConfig(**dict(saved["task"], crash_multiple=4.0, crash_ramp=(1, 3)))
+    assert rolled[1] == (task, 4 * task.reward_crash) and task.reward_crash == -10
+    assert task.obs_ang_vel_scale == 1 / 3.14159
     with open(os.path.join(smoke_run, "metrics.jsonl")) as f:
         assert [json.loads(line)["iteration"] for line in f] == [1, 2, 3]  # the counter went on
-    resumed = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0003.pt"))[0]
-    assert resumed["iteration"] == 3 and resumed["task"] == saved["task"]
+    resumed, _, resumed_task = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0003.pt"))
+    assert resumed["iteration"] == 3 and resumed_task == task
 
 
 def test_train_resume_rejects_another_network_shape(smoke_run, capsys):
@@ -1112,50 +1400,59 @@ def test_train_resume_rejects_another_network_shape(smoke_run, capsys):
     assert e.value.code == 2 and "does not match" in capsys.readouterr().err
 
 
-def test_eval_reports_on_a_checkpoint(smoke_run):
-    ckpt = os.path.join(smoke_run, "ckpt_0002.pt")
-    report = evaluation.main([ckpt, "--drones", "8", "--seconds", "2"])
-    assert report["drones"] == 8 and report["seconds"] == pytest.approx(2.0) and report["iteration"] == 2
-    assert report["drone_minutes"] == pytest.approx(8 * 2 / 60)
-    # the untrained policy falls: about one crash per drone every 0.5 s, each counted once
-    assert report["crashes_per_drone_min"] == pytest.approx(report["crashes"] / report["drone_minutes"])
-    assert 8 <= report["crashes"] <= 40 and report["targets_per_drone_min"] >= 0
-    assert 0 < report["mean_distance_m"] <= report["p95_distance_m"] < 5
-    assert os.path.isfile(os.path.join(smoke_run, "ckpt_0002_flight.png"))
-    assert os.path.isfile(os.path.join(smoke_run, "learning_curve.png"))
-    noisy = evaluation.main([ckpt, "--drones", "8", "--seconds", "2", "--noise"])
-    assert noisy["policy"] == "with action noise" and noisy["mean_distance_m"] != report["mean_distance_m"]
+@pytest.mark.skipif(not TENSORBOARD, reason="the optional tensorboard package is not installed")
+def test_tensorboard_scalars_equal_the_metrics(smoke_run):
+    """Every figure of metrics.jsonl, at its iteration, under rsl_rl's name where it has one."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(smoke_run, size_guidance={"scalars": 0})
+    board.Reload()
+    with open(os.path.join(smoke_run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:2]  # the smoke run's own two iterations
+    expected = {(tensorboard_name(k), r["iteration"]): v for r in rows for k, v in r.items() if k != "iteration"}
+    logged = {(tag, e.step): e.value for tag in board.Tags()["scalars"] for e in board.Scalars(tag) if e.step <= 2}
+    assert logged.keys() == expected.keys()
+    assert all(logged[key] == pytest.approx(value, rel=1e-6, abs=1e-9) for key, value in expected.items())
+    assert {"Loss/value_function", "Loss/surrogate", "Loss/entropy", "Loss/learning_rate", "Policy/mean_std",
+            "Perf/total_fps", "Perf/collection time", "Perf/learning_time", "Train/mean_reward",
+            "Train/mean_episode_length", "Episode/reward_target", "Train/targets_per_drone_min",
+            "Train/crashes_per_drone_min"} <= {tag for tag, _ in logged}
 
 
-def test_eval_flies_the_task_the_checkpoint_was_trained_on(smoke_run, tmp_path, monkeypatch):
-    ckpt, _ = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
-    ckpt["task"]["obs_ang_vel_scale"] = 1 / 3.14159  # a policy trained with the Genesis example's scale
-    torch.save(ckpt, tmp_path / "example_scale.pt")
-    built = []
-
-    class Built(Exception):
-        pass
-
-    def record_the_task(*args, cfg, **kwargs):  # stands in for HoverEnv: no scene is built
-        built.append(cfg)
-        raise Built
-
-    monkeypatch.setattr(env_module, "HoverEnv", record_the_task)
-    with pytest.raises(Built):
-        evaluation.main([str(tmp_path / "example_scale.pt")])
-    assert built[0].obs_ang_vel_scale == 1 / 3.14159 and built[0].reward_target == HoverConfig().reward_target
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
-    (["x.pt", "--drones", "0"], "--drones and --seconds must be > 0"),
-    (["x.pt", "--frobnicate"], "unrecognized arguments: --frobnicate"),
-])
-def test_eval_rejects_bad_input_in_one_line(flags, message, capsys):
+def test_tensorboard_missing_is_one_line_before_genesis(monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else real_find_spec(name, *a))
     with pytest.raises(SystemExit) as e:
-        evaluation.main(flags)
+        train.main(TINY + ["--tensorboard", "true"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("eval.py: error: ") and message in err and len(err.splitlines()) == 1
+    assert e.value.code == 2
+    assert err == "train.py: error: --tensorboard needs the tensorboard package: pip install tensorboard"
+
+
+@pytest.fixture(scope="module")
+def go2_run(tmp_path_factory):
+    """The same loop on 8 Go2 robots, with the example's network (512-256-128 ELU): 2 iterations."""
+    log_dir = str(tmp_path_factory.mktemp("runs"))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.main(["--task", "go2", *TINY, "--max-iterations", "2", "--hidden", "512", "256", "128",
+                    "--activation", "elu", "--log-dir", log_dir, "--run-name", "go2"])
+    return os.path.join(log_dir, "go2"), out.getvalue()
+
+
+def test_train_runs_the_go2_task_through_the_same_loop(go2_run):
+    run_dir, out = go2_run
+    ckpt, cfg, task_cfg = train.load_checkpoint(os.path.join(run_dir, "ckpt_0002.pt"))
+    assert cfg.task == "go2" and task_cfg == Go2Config() and ckpt["iteration"] == 2
+    assert ckpt["policy"]["actor.0.weight"].shape == (512, 45) and ckpt["policy"]["std"].shape == (12,)
+    assert "one network for every robot: actor 189,324 + critic 187,905 = 377,229 weights + 12 action std" in out
+    assert "1 worker(s) x 8 robots x 8 steps = 64 samples per iteration" in out
+    progress = [line for line in out.splitlines() if line.startswith("iter ")]
+    assert len(progress) == 2 and all("falls/robot-min" in line or "no episode ended" in line for line in progress)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["task_config"]["kp"] == 20.0
+    with pytest.raises(SystemExit) as e:  # a checkpoint resumes only as its own task
+        train.main(["--task", "hover", "--resume", os.path.join(run_dir, "ckpt_0002.pt")])
+    assert e.value.code == 2
 
 
 def test_nonfinite_weights_stop_training_without_saving(tmp_path, monkeypatch, capsys):
@@ -1207,6 +1504,64 @@ def test_train_rejects_cpu_workers_on_cuda(capsys):
     with pytest.raises(SystemExit) as e:
         train.check_config(train.TrainConfig(device="cuda", workers=2))
     assert e.value.code == 2 and "torchrun" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- eval.py
+def test_eval_reports_on_a_checkpoint(smoke_run):
+    ckpt = os.path.join(smoke_run, "ckpt_0002.pt")
+    report = evaluation.main([ckpt, "--drones", "8", "--seconds", "2"])
+    assert report["drones"] == 8 and report["seconds"] == pytest.approx(2.0) and report["iteration"] == 2
+    assert report["drone_minutes"] == pytest.approx(8 * 2 / 60)
+    # the untrained policy falls: about one crash per drone every 0.5 s, each counted once
+    assert report["crashes_per_drone_min"] == pytest.approx(report["crashes"] / report["drone_minutes"])
+    assert 8 <= report["crashes"] <= 40 and report["targets_per_drone_min"] >= 0
+    assert 0 < report["mean_distance_m"] <= report["p95_distance_m"] < 5
+    assert os.path.isfile(os.path.join(smoke_run, "ckpt_0002_flight.png"))
+    assert os.path.isfile(os.path.join(smoke_run, "learning_curve.png"))
+    noisy = evaluation.main([ckpt, "--drones", "8", "--seconds", "2", "--noise"])
+    assert noisy["policy"] == "with action noise" and noisy["mean_distance_m"] != report["mean_distance_m"]
+
+
+def test_eval_reports_the_walking_figures_of_a_go2_checkpoint(go2_run):
+    run_dir, _ = go2_run
+    report = evaluation.main([os.path.join(run_dir, "ckpt_0002.pt"), "--robots", "8", "--seconds", "1"])
+    assert report["task"] == "go2" and report["robots"] == 8 and report["robot_minutes"] == pytest.approx(8 / 60)
+    assert report["falls_per_robot_min"] == pytest.approx(report["falls"] / report["robot_minutes"])
+    assert report["mean_forward_velocity_error"] == pytest.approx(report["mean_forward_velocity"] - 0.5, abs=1e-6)
+    assert 0.05 < report["mean_base_height"] < 0.45
+    assert os.path.isfile(os.path.join(run_dir, "ckpt_0002_flight.png"))
+
+
+def test_eval_flies_the_task_the_checkpoint_was_trained_on(smoke_run, tmp_path, monkeypatch):
+    ckpt = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))[0]
+    ckpt["task"]["obs_ang_vel_scale"] = 1 / 3.14159  # a policy trained with the Genesis example's scale
+    torch.save(ckpt, tmp_path / "example_scale.pt")
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def record_the_task(*args, cfg, **kwargs):  # stands in for HoverEnv: no scene is built
+        built.append(cfg)
+        raise Built
+
+    monkeypatch.setattr(env_module, "Env", record_the_task)
+    with pytest.raises(Built):
+        evaluation.main([str(tmp_path / "example_scale.pt")])
+    assert built[0].obs_ang_vel_scale == 1 / 3.14159 and built[0].reward_target == HoverConfig().reward_target
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
+    (["x.pt", "--drones", "0"], "--envs and --seconds must be > 0"),
+    (["x.pt", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_eval_rejects_bad_input_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(flags)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("eval.py: error: ") and message in err and len(err.splitlines()) == 1
+
 
 
 # ---------------------------------------------------------------- workers.py: data-parallel training
@@ -1284,27 +1639,34 @@ def test_data_parallel_update_equals_single_process_on_the_global_batch():
 
 # ---------------------------------------------------------------- bench.py
 
-def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
+def test_bench_runs_every_section_at_a_tiny_size(tmp_path, capsys):
+    """Every section runs, and every ratio it prints is the ratio of the figures it measured in the same run (the
+    figures themselves are timings: they vary, and no test asserts one)."""
     import bench
     out = str(tmp_path / "bench.json")
-    results = bench.main(["--num-envs", "16", "--num-steps", "8", "--env-steps", "5", "--iterations", "1",
+    results = bench.main(["--num-envs", "8", "--num-steps", "8", "--env-steps", "5", "--iterations", "1",
                           "--out", out])
-    r = results["sizes"][16]
-    for key in ("physics_steps_per_s", "env_steps_per_s", "rollout_steps_per_s", "update_s", "floor_s",
-                "train_steps_per_s", "update_ratio_to_floor", "train_ratio_to_floor", "workers_steps_per_s",
-                "workers_ratio_to_floor"):
-        assert r[key] > 0, key
-    assert r["workers"] == 2
+    printed = capsys.readouterr().out
+    r = results["sizes"][8]
+    assert r["samples"] == 64 and r["workers"] == 2
+    assert r["env_overhead"] == pytest.approx(r["physics_steps_per_s"] / r["env_steps_per_s"] - 1)
+    assert r["update_ratio_to_floor"] == pytest.approx(r["update_s"] / r["floor_s"])
+    assert r["floor_iteration_s"] == pytest.approx(64 / r["physics_steps_per_s"] + r["floor_s"])
+    assert r["train_ratio_to_floor"] == pytest.approx(r["iteration_s"] / r["floor_iteration_s"])
+    assert r["train_steps_per_s"] == pytest.approx(64 / r["iteration_s"])
+    assert r["workers_ratio_to_floor"] == pytest.approx(r["workers_iteration_s"] / r["floor_iteration_s"])
+    assert r["rollout_steps_per_s"] == pytest.approx(64 / r["rollout_s"]) and 0 < r["optimizer_share"] < 1
     assert r["memory"]["host_peak_rss_mb"] > 0  # per size; on CUDA also torch's peak and the process's device memory
     assert set(results["adam"]) == {"this Adam (flat buffers)", "torch Adam foreach", "torch Adam fused",
                                     "torch Adam for-loop"}
+    assert results["adam"]["torch Adam fused"]["ratio_to_fused"] == 1.0
+    assert f"ratio {r['update_ratio_to_floor']:.2f}" in printed and f"ratio {r['train_ratio_to_floor']:.2f}" in printed
     with open(out) as f:
-        assert json.load(f)["sizes"]["16"]["update_s"] == r["update_s"]
+        assert json.load(f)["sizes"]["8"] == json.loads(json.dumps(r))
 
 
 # ---------------------------------------------------------------- export.py
 import ctypes
-import importlib.util
 
 import export
 import numpy as np
@@ -1315,7 +1677,7 @@ def exported(smoke_run, tmp_path_factory):
     """The smoke run's last checkpoint exported in every format this machine can write."""
     out = str(tmp_path_factory.mktemp("export"))
     export.main([os.path.join(smoke_run, "ckpt_0002.pt"), "--out", out])
-    ckpt, cfg = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
+    ckpt, cfg, _ = train.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt"))
     policy = train.build_policy(cfg, 17, 4)  # as train.py built it
     policy.load_state_dict(ckpt["policy"])
     assert policy.obs_norm.count > 0  # the normalizer is on (CPU preset) and has learned: the export must carry it
@@ -1408,19 +1770,18 @@ def test_exported_c_matches_the_policy(exported, parity_obs, c_policy, source):
     assert err <= 1e-5, err
 
 
-def test_exported_c_flies_like_the_policy(exported, c_policy):
-    """Closed loop: the C policy flies 1024 drones for 30 s as the torch policy does, counted as eval.py counts."""
+def test_exported_c_flies_like_the_policy(env, exported, c_policy):
+    """Closed loop: the C policy flies the drones for 20 s as the torch policy does, counted as eval.py counts."""
     _, policy = exported
 
     class CPolicy:
         def act_deterministic(self, obs):
             return c_policy(obs)
 
-    flight = HoverEnv(1024, device="cpu", seed=10_001)
     figures = {}
     for name, p in (("torch", policy), ("c", CPolicy())):
-        flight.generator.manual_seed(10_001)  # the same targets for both
-        figures[name] = evaluation.fly(p, flight, 3000, noise=False)[1]  # every step flown
+        env.generator.manual_seed(10_001)  # the same targets for both
+        figures[name] = evaluation.fly(p, env, 2000, noise=False)[1]  # every step flown
     t, c = figures["torch"], figures["c"]
     assert t["crashes_per_drone_min"] > 0  # the barely trained policy crashes: there is something to compare
     for key in ("targets_per_drone_min", "crashes_per_drone_min"):
@@ -1448,6 +1809,37 @@ def test_export_of_a_foreign_file_writes_nothing(tmp_path, capsys):
         export.main([str(bad), "--out", str(out)])
     assert e.value.code == 2 and "is not a checkpoint of this project" in capsys.readouterr().err
     assert not out.exists()  # checked before anything is written
+
+
+def test_export_of_the_go2_policy_takes_its_sizes_and_activation_from_the_checkpoint(go2_run, tmp_path):
+    """The Go2 policy (45 obs, 512-256-128 ELU, 12 actions in [-100, 100]) in every format; the C and torch programs
+    match the policy; policy.json describes the Go2's observations."""
+    run_dir, _ = go2_run
+    export.main([os.path.join(run_dir, "ckpt_0002.pt"), "--out", str(tmp_path), "--formats", "torch", "c"])
+    ckpt, cfg, _ = train.load_checkpoint(os.path.join(run_dir, "ckpt_0002.pt"))
+    policy = train.build_policy(cfg, 45, 12)
+    policy.load_state_dict(ckpt["policy"])
+    obs = torch.randn(2000, 45, generator=torch.Generator().manual_seed(0)) * 2
+    with torch.no_grad():
+        expected = policy.act_deterministic(obs).clamp(-100, 100)
+    program = torch.export.load(str(tmp_path / "policy.pt2")).module()
+    assert (program(obs) - expected).abs().max() <= 1e-5
+    meta = json.loads((tmp_path / "policy.json").read_text())
+    assert meta["task"] == "go2" and meta["observation_size"] == 45 and len(meta["observation"]) == 45
+    assert meta["network"] == {"hidden": [512, 256, 128], "activation": "elu"} and meta["control_rate_hz"] == 50
+    assert "microcontroller" not in meta and meta["c_footprint"]["expm1f_calls"] == 512 + 256 + 128
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc) on this machine")
+    (tmp_path / "batch.c").write_text('#include "policy.h"\nvoid act_batch(const float *obs, float *act, int n) {\n'
+                                      '    for (int k = 0; k < n; k++) policy_act(obs + 45 * k, act + 12 * k);\n}\n')
+    subprocess.run(["cc", "-std=c99", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{tmp_path}", "-o",
+                    str(tmp_path / "libgo2.so"), str(tmp_path / "policy.c"), str(tmp_path / "batch.c"), "-lm"],
+                   check=True)
+    x = np.ascontiguousarray(obs.numpy())
+    y = np.empty((len(x), 12), dtype=np.float32)
+    ctypes.CDLL(str(tmp_path / "libgo2.so")).act_batch(x.ctypes.data_as(ctypes.c_void_p),
+                                                       y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(len(x)))
+    assert np.abs(y - expected.numpy()).max() <= 1e-4 * max(1.0, float(expected.abs().max()))
 
 
 def test_export_interrupted_leaves_no_partial_file(smoke_run, tmp_path, monkeypatch):
@@ -1507,6 +1899,15 @@ opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
 stats = ppo.update(policy, opt, [batch] * 4, ppo.PPOConfig())
 assert torch.isfinite(stats["loss"]) and opt.param_groups[0]["lr"] != 1e-3  # the KL moved the lr
 """,
+    "logger.py": """
+import torch, logger
+stats = logger.EpisodeStats(rates=("falls",), unit="robot", dt=0.02)
+stats.add(torch.tensor([True, False]), {"return": torch.ones(2), "length": torch.full((2,), 50.0),
+                                        "falls": torch.ones(2)})
+row = stats.read()  # one episode of 50 steps of 0.02 s that fell: 60 falls per robot-minute
+assert row.pop("falls_per_robot_min") - 60 < 1e-9
+assert row == {"episodes": 1, "episode_return": 1.0, "episode_length": 50.0, "episode_falls": 1.0}
+""",
     "env.py": """
 import torch, env
 e = env.HoverEnv(4, device="cpu", seed=0)
@@ -1526,3 +1927,11 @@ def test_each_stage_runs_alone_in_an_empty_folder(stage, tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
     assert os.listdir(tmp_path) == [stage] or set(os.listdir(tmp_path)) <= {stage, "__pycache__"}
+
+
+def test_the_torch_only_sections_import_nothing_of_genesis():
+    """Collecting this file imports every project file but starts no Genesis: `-k adam` runs in seconds."""
+    code = "import sys, test_all\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('genesis', 'quadrants')))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]

@@ -1,17 +1,20 @@
-"""Train one shared policy on thousands of Genesis drones at once, with PPO and a hand-written Adam.
+"""Train one shared policy on thousands of Genesis robots at once, with PPO and a hand-written Adam.
 
-    python train.py                      train (CUDA if present, else the CPU preset); --help: every setting
+    python train.py [--task go2]         the drone task [the Go2 quadruped]; --help lists every setting
     python eval.py RUN/ckpt_NNNN.pt      then fly the trained policy and measure it
 
 One iteration of the loop in train(), for N envs and T steps:
-    rollout    T times: policy.act(obs [N,17]) -> env.step(actions [N,4])   (env.py, policy.py)
-               each step is ONE call for all N envs; the T*N samples go to storage.add()
-    storage    GAE advantages and returns over [T, N]                         (storage.py)
-    update     epochs x minibatches: PPO loss -> backward -> Adam step       (ppo.py, adam.py)
+    rollout    T times: policy.act(obs [N, obs]) -> env.step(actions [N, act]): ONE call for all N envs
+               (the task's file, policy.py); the T*N samples go to storage.add()
+    storage    GAE advantages and returns over [T, N]                              (storage.py)
+    update     epochs x minibatches: PPO loss -> backward -> Adam step            (ppo.py, adam.py)
                Adam overwrites theta in place, so the next rollout acts with the new weights
+The loop knows no task: --task names a module (TASKS) with a Config, an Env that keeps README.md's contract ("Your
+own robot") and the settings it trains with (TRAIN; CPU_PRESET without CUDA).
 """
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -24,52 +27,42 @@ import torch  # noqa: E402
 
 import workers as dp  # noqa: E402
 from adam import Adam  # noqa: E402
-from policy import ActorCritic  # noqa: E402
+from policy import ACTIVATIONS, ActorCritic  # noqa: E402
 from ppo import PPOConfig, update  # noqa: E402
+from logger import EpisodeStats, RunLog, learner_summary  # noqa: E402
 from storage import RolloutStorage  # noqa: E402
+
+# --task NAME: the module that holds the task. Importing it does not start Genesis (its Env does, when built).
+TASKS = {"hover": "env", "go2": "examples.go2.go2_env"}
 
 
 # ---------------------------------------------------------------------------------------------------- settings
-def _setting(default, help):
-    return field(default=default, metadata={"help": help})
+def _setting(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    num_envs: int = _setting(8192, "drones simulated together as one batch, per worker (the Genesis example's)")
-    num_steps: int = _setting(100, "steps per drone per iteration: a rollout is num_steps x num_envs samples")
+    task: str = _setting("hover", "the task; its module sets the defaults it trains with", tuple(TASKS))
+    num_envs: int = _setting(8192, "envs simulated together as one batch, per worker")
+    num_steps: int = _setting(100, "steps per env per iteration: a rollout is num_steps x num_envs samples")
     max_iterations: int = _setting(301, "iterations of rollout + update, counting those before a resume")
-    seed: int = _setting(1, "seeds the network, the action noise and the env's targets")
+    seed: int = _setting(1, "seeds the network, the action noise and the env's own draws")
     device: str = _setting("auto", "auto (CUDA if torch sees it, else CPU), cpu, cuda or cuda:K")
     log_dir: str = _setting("runs", "each run writes config.json, metrics.jsonl and checkpoints to log_dir/run_name")
     run_name: str = _setting("", "the run's directory name; empty: a timestamp")
     save_interval: int = _setting(50, "iterations between checkpoints (one is always written at the end)")
     hidden: tuple = _setting((128, 128), "hidden layer widths of the actor and of the critic")
+    activation: str = _setting("tanh", "the hidden layers' activation", tuple(ACTIVATIONS))
     init_std: float = _setting(1.0, "initial std of the action noise (learned from there)")
     min_std: float = _setting(0.0, "floor of the action noise's std (0: none)")
     normalize_obs: bool = _setting(False, "running mean/variance normalization of the observations, in the policy")
-    progress_speed_cap: float = _setting(0.0, "m/s: progress toward the target pays at most as for this speed "
-                                         "(env.HoverConfig; 0: no cap, as in the Genesis example)")
-    crash_multiple: float = _setting(1.0, "the crash penalty grows to this multiple of the task's over crash_ramp "
-                                     "(1: the task's throughout, as in the Genesis example)")
-    crash_ramp: tuple = _setting((100, 200), "iterations over which the crash penalty grows linearly from the "
-                                 "task's to crash_multiple times it (held after)")
     random_episode_start: bool = _setting(True, "spread the first time-outs (rsl_rl's init_at_random_ep_len)")
-    threads_rollout: int = _setting(1, "CPU only: torch threads while the simulator steps")
-    threads_update: int = _setting(2, "CPU only: torch threads for the PPO update")
-    workers: int = _setting(1, "CPU only: data-parallel processes started by train.py, each with num_envs drones")
+    threads_update: int = _setting(2, "CPU only: torch threads for the PPO update (the rollout's: 1, the simulator's)")
+    workers: int = _setting(1, "CPU only: data-parallel processes started by train.py, each with num_envs envs")
+    tensorboard: bool = _setting(False, "also log every figure for TensorBoard, under rsl_rl's names "
+                                 "(pip install tensorboard)")
     ppo: PPOConfig = field(default_factory=PPOConfig)
-
-
-# Without CUDA, a fresh run starts from this preset (printed when applied; flags override it): on 2 CPU cores, the
-# best of everything measured (EXPERIMENTS.md). Two workers of 1024 drones x 50 steps (102,400 samples, an eighth
-# of the GPU batch), each simulator on a core of its own; the normalizer, an action std held at 0.3 (start and
-# floor): with a small batch, it learned faster and crashed less on most seeds than a lower floor; progress paid
-# up to 2.5 m/s, so that the drones stop racing at the edge of control, where they crashed; and a crash penalty
-# grown tenfold over iterations 100-200, once the drones chase targets (from the start, it made them timid).
-CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, normalize_obs=True, init_std=0.3,
-                  min_std=0.3, progress_speed_cap=2.5, crash_multiple=10.0, max_iterations=250)
-PRESET_FLAGS = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in CPU_PRESET.items())
 
 
 def fail(message):
@@ -84,48 +77,72 @@ def boolean(text):
     return value
 
 
+def as_flags(settings):
+    return " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                    for k, v in settings.items())
+
+
 def parse_args(argv=None):
-    """One flag per field of TrainConfig and PPOConfig, with the field's help."""
+    """(args, task module, resume: (checkpoint, TrainConfig, task Config) or None); a flag per field, with its help."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.error = fail  # one line and exit status 2, not the usage text
+    first.add_argument("--task", choices=TASKS)
+    first.add_argument("--resume")
+    known, resume = first.parse_known_args(argv)[0], None
+    if known.resume:
+        try:
+            resume = load_checkpoint(known.resume)
+        except ValueError as e:
+            fail(e)
+        if known.task not in (None, resume[1].task):
+            fail(f"{known.resume} is a checkpoint of the {resume[1].task} task, not of {known.task}")
+    task = importlib.import_module(TASKS[resume[1].task if resume else known.task or TrainConfig.task])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Without CUDA, a fresh run starts from the CPU preset: " + PRESET_FLAGS)
-    p.error = fail  # one line and exit status 2, not the usage text
-    for f in dataclasses.fields(TrainConfig)[:-1] + dataclasses.fields(PPOConfig):  # [:-1]: not the ppo field
-        d = f.default
-        kind = boolean if isinstance(d, bool) else int if isinstance(d, tuple) else type(d)
-        shown = " ".join(map(str, d)) if isinstance(d, tuple) else d
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, nargs="+" if isinstance(d, tuple) else None,
-                       help=f"{f.metadata['help']} (default {shown})".replace("%", "%%"))
+                                epilog=f"Without CUDA, a fresh run starts from the task's CPU preset: "
+                                       f"{as_flags(task.CPU_PRESET)}")
+    p.error = fail
+    for title, fields in (("training", dataclasses.fields(TrainConfig)[:-1]), ("PPO", dataclasses.fields(PPOConfig)),
+                          (f"the task ({task.__name__}.Config)", dataclasses.fields(task.Config))):
+        group = p.add_argument_group(title)
+        for f in fields:
+            d = f.default
+            kind = type(d[0]) if isinstance(d, tuple) else boolean if isinstance(d, bool) else type(d)
+            shown = " ".join(map(str, d)) if isinstance(d, tuple) else d
+            group.add_argument("--" + f.name.replace("_", "-"), type=kind, nargs="+" if isinstance(d, tuple) else None,
+                               choices=f.metadata.get("choices"),
+                               help=f"{f.metadata.get('help', '')} (default {shown})".replace("%", "%%"))
     p.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint, with its settings")
-    p.add_argument("--eval", help=argparse.SUPPRESS)  # moved to eval.py; said so in one line
-    return p.parse_args(argv)
+    return p.parse_args(argv), task, resume
 
 
-def build_config(args, base=None):
-    """Defaults, then the CPU preset (fresh runs without CUDA) or the checkpoint's config (resume); then the flags."""
-    flags = {k: (tuple(v) if k == "hidden" else v) for k, v in vars(args).items()
-             if v is not None and k not in ("resume", "eval")}
-    cfg = base or TrainConfig()
-    device = flags.pop("device", cfg.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device != "cpu" and not device.startswith("cuda"):
-        fail(f"unknown device {device!r}: use auto, cpu, cuda or cuda:K")
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device} asked for, but torch sees no CUDA device: use --device cpu")
-    if base is None and device == "cpu":
-        cfg = dataclasses.replace(cfg, **CPU_PRESET)
-        if dp.Workers().world == 1:  # (the process the user started, not each of its workers)
-            print(f"CPU run: the CPU preset applies (flags given override it): {PRESET_FLAGS}")
-    ppo = {k: flags.pop(k) for k in list(flags) if hasattr(cfg.ppo, k)}
-    cfg = dataclasses.replace(cfg, device=device, ppo=dataclasses.replace(cfg.ppo, **ppo), **flags)
+def build_config(args, task, base=None):
+    """(TrainConfig, task Config): defaults, the task's TRAIN and CPU_PRESET (or base, on resume), then the flags."""
+    flags = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+             if v is not None and k != "resume"}
+    try:
+        device = dp.resolve_device(flags.pop("device", "auto"))  # a resumed run too: it goes on with what is here
+    except ValueError as e:
+        fail(e)
+    cfg, task_cfg = base or (TrainConfig(), task.Config())
+    if base is None:
+        if device == "cpu" and dp.Workers().world == 1:  # (the process the user started, not each of its workers)
+            print(f"CPU run: the task's CPU preset applies (flags given override it): {as_flags(task.CPU_PRESET)}")
+        flags = {**task.TRAIN, **(task.CPU_PRESET if device == "cpu" else {}), **flags}
+    ppo = {k: flags.pop(k) for k in list(flags) if k in PPOConfig.__dataclass_fields__}
+    own = {k: flags.pop(k) for k in list(flags) if k in TrainConfig.__dataclass_fields__}
+    cfg = dataclasses.replace(cfg, device=device, ppo=dataclasses.replace(cfg.ppo, **ppo), **own)
+    try:
+        task_cfg = dataclasses.replace(task_cfg, **flags)  # the rest are the task's settings, checked by it
+    except ValueError as e:
+        fail(e)
     check_config(cfg)
-    return cfg
+    return cfg, task_cfg
 
 
 def check_config(cfg):
     """Reject bad settings in one line, before any expensive work."""
-    for name in ("num_envs", "num_steps", "max_iterations", "save_interval", "threads_rollout", "threads_update",
-                 "workers", "learning_rate", "num_epochs", "num_minibatches"):
+    for name in ("num_envs", "num_steps", "max_iterations", "save_interval", "threads_update", "workers",
+                 "learning_rate", "num_epochs", "num_minibatches"):
         value = getattr(cfg if hasattr(cfg, name) else cfg.ppo, name)
         if not value > 0:
             fail(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -134,72 +151,37 @@ def check_config(cfg):
              f"{cfg.num_steps} steps = {cfg.num_envs * cfg.num_steps} samples")
     if not (cfg.init_std > 0 and cfg.min_std >= 0):
         fail(f"--init-std must be > 0 and --min-std >= 0, got {cfg.init_std} and {cfg.min_std}")
-    if cfg.progress_speed_cap < 0:
-        fail(f"--progress-speed-cap must be >= 0 (0: no cap), got {cfg.progress_speed_cap}")
-    if not (cfg.crash_multiple > 0 and len(cfg.crash_ramp) == 2 and 0 <= cfg.crash_ramp[0] <= cfg.crash_ramp[1]):
-        fail(f"--crash-multiple must be > 0 and --crash-ramp two iterations FROM TO with 0 <= FROM <= TO, got "
-             f"{cfg.crash_multiple} and {' '.join(map(str, cfg.crash_ramp))}")
     if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):
         fail("--gamma and --lam must be within [0, 1]")
     if cfg.workers > 1 and cfg.device != "cpu":
         fail("--workers is for CPU runs; on GPUs start one process per GPU with torchrun --nproc_per_node=GPUS")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        fail("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def build_policy(cfg, num_obs, num_actions):
     """The actor-critic a TrainConfig describes: train.py, eval.py and export.py all build it here."""
-    return ActorCritic(num_obs, num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs, cfg.min_std)
+    return ActorCritic(num_obs, num_actions, cfg.hidden, cfg.init_std, cfg.normalize_obs, cfg.min_std, cfg.activation)
 
 
 def load_checkpoint(path):
-    """(checkpoint dict, its TrainConfig). A missing or foreign file raises ValueError with a one-line reason."""
+    """(checkpoint, its TrainConfig, its task Config). A missing or foreign file raises ValueError, in one line."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         d = ckpt["config"]
-        return ckpt, TrainConfig(**dict(d, hidden=tuple(d["hidden"]), ppo=PPOConfig(**d["ppo"])))
+        cfg = TrainConfig(**dict(d, hidden=tuple(d["hidden"]), ppo=PPOConfig(**d["ppo"])))
+        return ckpt, cfg, importlib.import_module(TASKS[cfg.task]).Config(**ckpt["task"])
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}") from None
-    except Exception as e:  # a truncated or foreign file: one line, not a traceback
-        raise ValueError(f"{path} is not a checkpoint of this project ({type(e).__name__}: {e})"[:300]) from None
-
-
-def write_atomically(path, write):
-    """write(tmp) makes a temporary file, renamed over path once complete and on disk: a crash leaves no half file."""
-    tmp = "{0}.tmp{1}".format(*os.path.splitext(path))  # ckpt_0010.tmp.pt: torch.export wants the extension
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(path, policy, optimizer, iteration, elapsed_s, cfg, task, generator):
-    state = {"iteration": iteration, "elapsed_s": elapsed_s, "config": dataclasses.asdict(cfg),
-             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "task": dataclasses.asdict(task),
-             "rng": {"torch": torch.get_rng_state(), "env": generator.get_state(),
-                     "cuda": torch.cuda.get_rng_state() if str(cfg.device).startswith("cuda") else None}}
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    except Exception as e:  # a truncated or foreign file, or another version's: one line, not a traceback
+        raise ValueError(f"{path} is not a checkpoint of this project, or not of this version of it "
+                         f"({type(e).__name__}: {e})"[:300]) from None
 
 
 # -------------------------------------------------------------------------------------------- the loop's parts
-def cpu_threads(cfg, phase):  # on a CPU, torch's threads are set per phase (measured: EXPERIMENTS.md)
-    if cfg.device == "cpu":
-        torch.set_num_threads(cfg.threads_rollout if phase == "rollout" else cfg.threads_update)
-
-
-def crash_scale(iteration, cfg):
-    """The crash penalty's multiple in this iteration: 1, then linear to crash_multiple over crash_ramp, then held."""
-    start, end = cfg.crash_ramp
-    if iteration >= end:
-        return cfg.crash_multiple
-    return 1.0 if iteration <= start else 1.0 + (cfg.crash_multiple - 1.0) * ((iteration - start) / (end - start))
-
-
 def rollout(policy, env, storage, obs, episodes, cfg, workers):
-    """num_steps steps of all envs into storage, then GAE. obs [N, 17] in, the last obs out."""
+    """num_steps steps of all envs into storage, then GAE. obs [N, obs] in, the last obs out."""
     storage.clear()
     with torch.no_grad():
         for _ in range(cfg.num_steps):
@@ -219,73 +201,61 @@ def rollout(policy, env, storage, obs, episodes, cfg, workers):
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def train(cfg, resume=None):
-    from env import EpisodeStats, HoverConfig, HoverEnv  # here: genesis starts only after the settings were checked
-
-    workers = dp.Workers()
+def train(cfg, task_cfg, resume=None):
+    task, workers = importlib.import_module(TASKS[cfg.task]), dp.Workers()
     say = print if workers.main else (lambda *args, **kwargs: None)
     device = torch.device(f"cuda:{workers.local_rank}" if cfg.device.startswith("cuda") and workers.world > 1
                           else cfg.device)
     workers.start(device)
+    cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed + workers.rank)  # each worker samples its own action noise
-    run_dir = os.path.join(cfg.log_dir, cfg.run_name)
-    say(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; run directory: "
-        f"{run_dir}\nconfig: {json.dumps(dataclasses.asdict(cfg))}\n{workers.world} worker(s) x {cfg.num_envs} "
-        f"drones x {cfg.num_steps} steps = {workers.world * cfg.num_envs * cfg.num_steps:,} samples per iteration")
-    policy = build_policy(cfg, HoverEnv.num_obs, HoverEnv.num_actions).to(device)
+    run_dir, unit, Env = os.path.join(cfg.log_dir, cfg.run_name), task.Env.unit, task.Env
+    config = {**dataclasses.asdict(cfg), "task_config": dataclasses.asdict(task_cfg)}  # (also config.json)
+    say(f"device: {torch.cuda.get_device_name(device) if cuda else device}; run directory: {run_dir}\nconfig: "
+        f"{json.dumps(config)}\n{workers.world} worker(s) x {cfg.num_envs} {unit}s x {cfg.num_steps} steps = "
+        f"{workers.world * cfg.num_envs * cfg.num_steps:,} samples per iteration")
+    policy = build_policy(cfg, Env.num_obs, Env.num_actions).to(device)
     optimizer = Adam(policy.parameters(), lr=torch.tensor(cfg.ppo.learning_rate, device=device))
-    storage = RolloutStorage(cfg.num_steps, cfg.num_envs, HoverEnv.num_obs, HoverEnv.num_actions, device)
-    start, elapsed_before = 0, 0.0  # training time before this process (resume): the clock is cumulative
-    if resume is not None:
-        try:
+    storage = RolloutStorage(cfg.num_steps, cfg.num_envs, Env.num_obs, Env.num_actions, device)
+    # the iteration and training time before this process (resume): the counter and the clock go on
+    start, elapsed_before = (resume["iteration"], resume["elapsed_s"]) if resume else (0, 0.0)
+    try:
+        if resume:
             policy.load_state_dict(resume["policy"])
             optimizer.load_state_dict(resume["optimizer"])
-        except (RuntimeError, ValueError) as e:
-            fail(f"the checkpoint's network does not match this configuration: {str(e).splitlines()[0][:200]}")
-        start, elapsed_before = resume["iteration"], resume["elapsed_s"]
+    except (RuntimeError, ValueError) as e:
+        fail(f"the checkpoint's network does not match this configuration: {str(e).splitlines()[0][:200]}")
     workers.broadcast(optimizer.theta)  # one flat tensor: every worker starts from rank 0's weights
-    n = {part: sum(p.numel() for p in getattr(policy, part).parameters()) for part in ("actor", "critic")}
-    memory = dict(optimizer.nbytes(), total=sum(optimizer.nbytes().values()))
-    say(f"one network for every drone: actor {n['actor']:,} + critic {n['critic']:,} = {sum(n.values()):,} weights "
-        f"+ {policy.std.numel()} action std\nmemory of the learner (float32):\n" +
-        "\n".join(f"  {k:<16s} {b / 1e3:7.1f} KB" for k, b in memory.items()) +
-        f"\nrollout storage: {sum(storage.nbytes().values()) / 1e6:.1f} MB on {device}\n"
-        f"building the Genesis scene with {cfg.num_envs} drones (the first build compiles kernels: minutes)")
-    cpu_threads(cfg, "rollout")
+    say(learner_summary(policy, optimizer, storage, unit) + f"\nbuilding the Genesis scene with {cfg.num_envs} "
+        f"{unit}s (the first build compiles kernels: minutes)")
+    dp.cpu_threads(cfg, "rollout")
     # check_actions=False: the per-step NaN check would sync every step; theta is checked once per iteration instead.
-    task = HoverConfig(**{**(resume or {}).get("task", {}),  # a resumed run keeps its task's scales
-                          "progress_speed_cap": cfg.progress_speed_cap})
-    env = HoverEnv(cfg.num_envs, device=str(device), seed=cfg.seed + workers.rank, check_actions=False, cfg=task)
+    env = Env(cfg.num_envs, device=str(device), seed=cfg.seed + workers.rank, check_actions=False, cfg=task_cfg)
     if resume is not None and workers.main:  # (other workers keep their own seeds)
         torch.set_rng_state(resume["rng"]["torch"])
         env.generator.set_state(resume["rng"]["env"])
-        if resume["rng"]["cuda"] is not None and device.type == "cuda":
+        if resume["rng"]["cuda"] is not None and cuda:
             torch.cuda.set_rng_state(resume["rng"]["cuda"])
-    if workers.main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-
-    episodes = EpisodeStats(device)
+    episodes = EpisodeStats(env.rates, unit, env.dt)
+    log = RunLog(run_dir, config, episodes, cfg.max_iterations, cfg.tensorboard, active=workers.main)
     obs = env.reset(random_episode_start=cfg.random_episode_start)
     samples = cfg.num_steps * cfg.num_envs * workers.world
     t_start, it = time.time(), start
-    with open(os.path.join(run_dir, "metrics.jsonl") if workers.main else os.devnull, "a") as metrics, \
-            dp.StopOnSignal() as stop:
+    with dp.StopOnSignal() as stop:
         for it in range(start, cfg.max_iterations):
             t0 = time.time()
-            env.cfg = dataclasses.replace(task, reward_crash=task.reward_crash * crash_scale(it + 1, cfg))
-            cpu_threads(cfg, "rollout")
+            env.set_iteration(it + 1)  # the task's curriculum, if it has one
+            dp.cpu_threads(cfg, "rollout")
             obs = rollout(policy, env, storage, obs, episodes, cfg, workers)
             t1 = time.time()
-            cpu_threads(cfg, "update")
+            dp.cpu_threads(cfg, "update")
             stats = update(policy, optimizer, storage.minibatches(cfg.ppo.num_epochs, cfg.ppo.num_minibatches),
                            cfg.ppo, workers.average)
             # The iteration's one host sync: figures, health and a stop request, of all workers.
             checks = workers.sum(torch.stack([torch.isfinite(optimizer.theta).all() & torch.isfinite(stats["loss"]),
                                               torch.tensor(stop.requested, device=device)]).float())
             stats["action_std"] = policy.action_std().detach().mean()
-            row = dict(zip(stats, torch.stack(list(stats.values())).tolist()), **episodes.read(env.dt, workers.sum))
+            row = dict(zip(stats, torch.stack(list(stats.values())).tolist()), **episodes.read(workers.sum))
             finite, stop_requested = checks.tolist()
             if finite < workers.world:  # never save NaN weights: the last checkpoint on disk stays the last good one
                 say(f"train.py: non-finite loss or weights at iteration {it + 1}: stopped without saving; "
@@ -295,19 +265,16 @@ def train(cfg, resume=None):
             row.update(iteration=it + 1, total_steps=(it + 1) * samples, steps_per_s=samples / (t2 - t0),
                        collect_s=t1 - t0, learn_s=t2 - t1, elapsed_s=elapsed_before + t2 - t_start,
                        eta_s=(t2 - t_start) / (it + 1 - start) * (cfg.max_iterations - it - 1))
-            if workers.main:  # one line per iteration; metrics.jsonl has every figure
-                hms = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))  # noqa: E731
-                episodes_line = (f"targets/drone-min {row['targets_per_drone_min']:5.1f}  crashes/drone-min "
-                                 f"{row['crashes_per_drone_min']:6.3f}" if row["episodes"] else "no episode ended")
-                print(f"iter {it + 1:4d}/{cfg.max_iterations}  {row['steps_per_s']:7,.0f} steps/s  {episodes_line}  "
-                      f"kl {row['kl']:.4f}  lr {row['lr']:.1e}  std {row['action_std']:.3f}  "
-                      f"elapsed {hms(row['elapsed_s'])}  eta {hms(row['eta_s'])}", flush=True)
-                print(json.dumps(row), file=metrics, flush=True)
-            if workers.main and ((it + 1) % cfg.save_interval == 0 or it + 1 == cfg.max_iterations or stop_requested):
-                save_checkpoint(os.path.join(run_dir, f"ckpt_{it + 1:04d}.pt"), policy, optimizer, it + 1,
-                                row["elapsed_s"], cfg, task, env.generator)
+            log.write(row)  # a line on the terminal; every figure to metrics.jsonl (and TensorBoard)
+            if (it + 1) % cfg.save_interval == 0 or it + 1 == cfg.max_iterations or stop_requested:
+                log.save(f"ckpt_{it + 1:04d}.pt", {  # everything a resume needs
+                    "iteration": it + 1, "elapsed_s": row["elapsed_s"], "config": dataclasses.asdict(cfg),
+                    "task": dataclasses.asdict(task_cfg), "policy": policy.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state(),
+                    "env": env.generator.get_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}})
             if stop_requested:
                 break
+    log.close()
     workers.close()
     say(f"done at iteration {it + 1}; checkpoints in {run_dir}\n"
         f"fly the last one: python eval.py {os.path.join(run_dir, f'ckpt_{it + 1:04d}.pt')}")
@@ -315,25 +282,17 @@ def train(cfg, resume=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.eval:
-        fail(f"evaluation moved to its own script: python eval.py {args.eval}")
-    try:
-        ckpt, base = load_checkpoint(args.resume) if args.resume else (None, None)
-    except ValueError as e:
-        fail(e)
-    if base is not None and args.device is None:
-        base = dataclasses.replace(base, device="auto")  # a run started on a GPU continues on whatever is here
-    cfg = build_config(args, base)
+    args, task, resume = parse_args(argv)
+    cfg, task_cfg = build_config(args, task, resume and resume[1:])
     if not cfg.run_name:  # resolved once and saved in the config, so a resume continues in the same directory
         cfg = dataclasses.replace(cfg, run_name=time.strftime("%Y-%m-%d_%H-%M-%S"))
     run_dir = os.path.join(cfg.log_dir, cfg.run_name)
-    if not args.resume and dp.Workers().main and os.path.isdir(run_dir) and os.listdir(run_dir):
+    if not resume and dp.Workers().main and os.path.isdir(run_dir) and os.listdir(run_dir):
         fail(f"{run_dir} already holds a run: pick another --run-name, or continue it with --resume CKPT")
     if cfg.workers > 1 and dp.Workers().world == 1:
         argv = sys.argv[1:] if argv is None else argv
         dp.launch(cfg.workers, [sys.executable, os.path.abspath(__file__), *argv, "--run-name", cfg.run_name])
-    return train(cfg, resume=ckpt)
+    return train(cfg, task_cfg, resume=resume and resume[0])
 
 
 if __name__ == "__main__":

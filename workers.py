@@ -6,7 +6,8 @@
 The global batch is workers x num_envs x num_steps. Workers start from rank 0's weights and average every
 gradient (and the KL, the advantage statistics and the normalizer's moments), so theta, m and v stay
 bit-identical everywhere. One process per GPU under torchrun (NCCL), or `train.py --workers N` on CPU cores
-(gloo): Genesis steps a CPU scene on one thread, so N workers keep N cores busy. Also: stopping on a signal.
+(gloo): Genesis steps a CPU scene on one thread, so N workers keep N cores busy. Also: the device and the CPU
+threads a process uses, and stopping on a signal.
 """
 import datetime
 import os
@@ -50,6 +51,24 @@ class Workers:
     def close(self):
         if self.world > 1:
             dist.destroy_process_group()
+
+
+def resolve_device(name):
+    """auto (CUDA if torch sees it, else CPU), cpu, cuda or cuda:K; a ValueError says what to change."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:K")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but torch sees no CUDA device: use --device cpu")
+    return name
+
+
+def cpu_threads(cfg, phase):
+    """On a CPU, torch's threads per phase: one while the simulator steps (it runs on one thread; more only
+    contend), cfg.threads_update for the update (EXPERIMENTS.md, "CPU threads")."""
+    if cfg.device == "cpu":
+        torch.set_num_threads(1 if phase == "rollout" else cfg.threads_update)
 
 
 def launch(num_workers, command):
