@@ -13,49 +13,80 @@ examples/drone/hover_env.py (same scene, action map, rewards and terminations); 
 examples/go2/go2_env.py keep the task contract of README.md ("Your own robot"); genesis is imported when the
 first env is built (init_genesis), so that train.py can read and check a task's settings without it.
 """
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
+def setting(default, help):
+    """A task setting: its default, and the help text `train.py --help` shows for its flag."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class HoverConfig:
-    """Every constant of the task; the defaults are those of Genesis's hover example."""
+    """Every constant of the task. The defaults are Genesis's hover example's, but the angular velocity's scale;
+    each field is a flag of train.py (--reward-crash, ...)."""
 
-    dt: float = 0.01  # control and physics step [s] (100 Hz), split into `substeps` solver substeps
-    substeps: int = 2
-    episode_length_s: float = 15.0  # time-out (truncation) after this long: 1500 steps
-    hover_rpm: float = 14468.429183500699  # propeller RPM at which thrust balances the Crazyflie's weight
-    rpm_gain: float = 0.8  # rpm = (1 + rpm_gain * action) * hover_rpm, action clipped to [-1, 1]
-    init_pos: tuple = (0.0, 0.0, 1.0)  # every episode starts hovering here, level and at rest
-    init_quat: tuple = (1.0, 0.0, 0.0, 0.0)
-    target_low: tuple = (-1.0, -1.0, 1.0)  # targets are uniform in [low, high] per axis (z fixed at 1 m)
-    target_high: tuple = (1.0, 1.0, 1.0)
-    at_target_dist: float = 0.1  # closer than this to the target [m]: count it and draw a new one
-    crash_rel_pos: tuple = (3.0, 3.0, 2.0)  # crash if |target - pos| exceeds this on any axis [m] ...
-    crash_min_height: float = 0.1  # ... or if the drone is lower than this [m]
-    obs_rel_pos_scale: float = 1 / 3.0
-    obs_lin_vel_scale: float = 1 / 3.0
-    obs_ang_vel_scale: float = 1 / 25.0  # the example's 1/pi clips the rates trained drones fly (EXPERIMENTS.md)
-    # Reward weights, one per term of `step` (each term is also multiplied by dt, as in the example).
-    reward_target: float = 10.0  # progress toward the target: |p_prev - target|^2 - |p - target|^2 [m^2]
-    progress_speed_cap: float = 0.0  # [m/s] progress pays at most as for flying this fast at the target (0: no cap)
-    reward_smooth: float = -1e-4  # change of action: |a - a_prev|^2
-    reward_yaw: float = 0.01  # heading held: exp(yaw_lambda * |yaw|), yaw in radians
-    yaw_lambda: float = -10.0
-    reward_angular: float = -2e-4 / 3.14159  # spin: |body angular velocity| [rad/s] (the example's -2e-4 per pi rad/s)
-    reward_crash: float = -10.0  # 1 on the step the drone crashes
-    # A curriculum: the crash penalty grows linearly from reward_crash to crash_multiple times it over the training
-    # iterations crash_ramp (held after). 1: the example's fixed penalty. Checkpoints keep reward_crash itself.
-    crash_multiple: float = 1.0
-    crash_ramp: tuple = (100, 200)
-    # Viewer / recording camera (only used when show_viewer or record_camera).
-    camera_pos: tuple = (3.5, 0.0, 2.5)
-    camera_lookat: tuple = (0.0, 0.0, 0.5)
-    camera_fov: float = 30.0
+    dt: float = setting(0.01, "control and physics step [s] (100 Hz), split into substeps solver substeps")
+    substeps: int = setting(2, "solver substeps per step")
+    episode_length_s: float = setting(15.0, "time-out (truncation) after this long [s]: 1500 steps")
+    hover_rpm: float = setting(14468.429183500699, "propeller RPM at which thrust balances the Crazyflie's weight")
+    rpm_gain: float = setting(0.8, "rpm = (1 + rpm_gain * action) * hover_rpm, action clipped to [-1, 1]")
+    init_pos: tuple = setting((0.0, 0.0, 1.0), "every episode starts hovering here [m], level and at rest")
+    init_quat: tuple = setting((1.0, 0.0, 0.0, 0.0), "the start attitude, w x y z")
+    target_low: tuple = setting((-1.0, -1.0, 1.0), "targets are uniform in [low, high] per axis [m]")
+    target_high: tuple = setting((1.0, 1.0, 1.0), "(z fixed at 1 m by default)")
+    at_target_dist: float = setting(0.1, "closer than this to the target [m]: count it and draw a new one")
+    crash_rel_pos: tuple = setting((3.0, 3.0, 2.0), "a crash: |target - position| above this on any axis [m] ...")
+    crash_min_height: float = setting(0.1, "... or the drone lower than this [m]")
+    obs_rel_pos_scale: float = setting(1 / 3.0, "observed target offset: times this, clipped to [-1, 1]")
+    obs_lin_vel_scale: float = setting(1 / 3.0, "observed linear velocity: times this, clipped")
+    # The example's 1/pi clips the rates trained drones fly (EXPERIMENTS.md, "Angular velocity seen up to 25 rad/s").
+    obs_ang_vel_scale: float = setting(1 / 25.0, "observed angular velocity: times this, clipped (example: 1/pi)")
+    # Reward weights, one per term of `step` (TERMS; each term is also multiplied by dt, as in the example).
+    reward_target: float = setting(10.0, "progress toward the target: |p_prev - target|^2 - |p - target|^2 [m^2]")
+    progress_speed_cap: float = setting(0.0, "[m/s] progress pays at most as for flying this fast at the target "
+                                             "(0: no cap)")
+    reward_smooth: float = setting(-1e-4, "change of action: |a - a_prev|^2")
+    reward_yaw: float = setting(0.01, "heading held: exp(yaw_lambda * |yaw|), yaw in radians")
+    yaw_lambda: float = setting(-10.0, "see reward_yaw")
+    reward_angular: float = setting(-2e-4 / 3.14159, "spin: |body angular velocity| [rad/s] (the example's -2e-4 "
+                                                     "per pi rad/s)")
+    reward_crash: float = setting(-10.0, "1 on the step the drone crashes")
+    crash_multiple: float = setting(1.0, "a curriculum: the crash penalty grows linearly to this multiple of "
+                                         "reward_crash over crash_ramp, held after (1: the example's fixed one)")
+    crash_ramp: tuple = setting((100, 200), "the training iterations FROM TO of that growth")
+    # What the simulator leaves out, off by default: nothing of it runs then. A (low, high) range is drawn per drone
+    # at every episode's start (README, "From simulation to a real Crazyflie"; Perturbations below).
+    motor_lag_s: tuple = setting((0.0, 0.0), "time constant of each propeller's first-order RPM response [s]")
+    action_delay: tuple = setting((0, 0), "control steps an action takes to reach the motors")
+    mass_scale: tuple = setting((1.0, 1.0), "the drone's mass and inertia times this")
+    thrust_scale: tuple = setting((1.0, 1.0), "the propellers' thrust and drag-torque coefficients times this")
+    obs_noise: tuple = setting((0.0, 0.0, 0.0, 0.0), "Gaussian noise of the observed position [m], velocity [m/s], "
+                                                     "attitude [deg] and angular velocity [rad/s]: sigmas")
+    push_force: float = setting(0.0, "a random external force: sigma per axis, a fraction of the drone's weight")
+    push_torque: float = setting(0.0, "a random external torque: sigma per axis [N m]")
+    push_interval_s: tuple = setting((1.0, 2.0), "each push lasts an interval drawn in this range [s]")
+    randomize: bool = setting(False, "train against all of them: every range left off above takes RANDOMIZED's")
+    camera_pos: tuple = setting((3.5, 0.0, 2.5), "the viewer's and the video's camera [m]")
+    camera_lookat: tuple = setting((0.0, 0.0, 0.5), "where it looks [m]")
+    camera_fov: float = setting(30.0, "its field of view [deg]")
 
     def __post_init__(self):  # a bad setting: one line that says what to change (train.py prints it)
+        for name, value in RANDOMIZED.items() if self.randomize else ():
+            if getattr(self, name) == HoverConfig.__dataclass_fields__[name].default:
+                setattr(self, name, value)
+        ranges = {k: getattr(self, k) for k in ("motor_lag_s", "action_delay", "mass_scale", "thrust_scale",
+                                                "push_interval_s")}
+        for name, (low, high) in ranges.items():
+            if not 0 <= low <= high or (name.endswith("scale") and low == 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a range LOW HIGH with 0 <= LOW <= HIGH"
+                                 f"{' and LOW > 0' if name.endswith('scale') else ''}, got {low} {high}")
+        if len(self.obs_noise) != 4 or min(self.obs_noise) < 0 or min(self.push_force, self.push_torque) < 0:
+            raise ValueError("--obs-noise takes 4 sigmas >= 0, --push-force and --push-torque a sigma >= 0")
         if self.progress_speed_cap < 0:
             raise ValueError(f"--progress-speed-cap must be >= 0 (0: no cap), got {self.progress_speed_cap}")
         ramp = self.crash_ramp
@@ -76,6 +107,32 @@ TRAIN = dict(num_envs=8192, num_steps=100, max_iterations=301, hidden=(128, 128)
              learning_rate=3e-4, entropy_coef=0.004)
 CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, normalize_obs=True, init_std=0.3,
                   min_std=0.3, progress_speed_cap=2.5, crash_multiple=10.0, max_iterations=250)
+
+# The gaps between this simulator and a real Crazyflie that eval.py --perturbations flies a policy through, one at a
+# time and all at once ("realistic"); RANDOMIZED: their ranges, drawn per drone per episode by --randomize. The
+# reference that flew a real Crazyflie from simulation (RLtools, "Learning to Fly in Seconds") trained against a
+# motor time constant of 0.15 s, observation noise and pushes of about 5 % of the weight.
+NOISE = (0.01, 0.05, 1.0, 0.1)  # sigmas: position [m], linear velocity [m/s], attitude [deg], angular velocity [rad/s]
+PUSH = dict(push_force=0.05, push_torque=5e-4)  # 5 % of the weight per axis; torque: that force at 4 cm, an arm's
+UNPERTURBED = dict(motor_lag_s=(0.0, 0.0), action_delay=(0, 0), mass_scale=(1.0, 1.0), thrust_scale=(1.0, 1.0),
+                   obs_noise=(0.0, 0.0, 0.0, 0.0), push_force=0.0, push_torque=0.0, randomize=False)
+PERTURBATIONS = {name: {**UNPERTURBED, **change} for name, change in {
+    "none": {},
+    "motor lag 0.03 s": dict(motor_lag_s=(0.03, 0.03)),
+    "motor lag 0.08 s": dict(motor_lag_s=(0.08, 0.08)),
+    "motor lag 0.15 s": dict(motor_lag_s=(0.15, 0.15)),
+    "delay 1 step (10 ms)": dict(action_delay=(1, 1)),
+    "delay 2 steps (20 ms)": dict(action_delay=(2, 2)),
+    "mass +20 %": dict(mass_scale=(1.2, 1.2)),
+    "mass -10 %": dict(mass_scale=(0.9, 0.9)),
+    "thrust +-15 %": dict(thrust_scale=(0.85, 1.15)),
+    "observation noise": dict(obs_noise=NOISE),
+    "pushes": PUSH,
+    "realistic (all at once)": dict(motor_lag_s=(0.05, 0.05), action_delay=(1, 1), mass_scale=(1.1, 1.1),
+                                    thrust_scale=(0.9, 0.9), obs_noise=NOISE, **PUSH),
+}.items()}
+RANDOMIZED = dict(motor_lag_s=(0.03, 0.15), action_delay=(0, 2), mass_scale=(0.9, 1.2), thrust_scale=(0.85, 1.15),
+                  obs_noise=NOISE, **PUSH)
 
 
 def init_genesis(device: torch.device):
@@ -137,6 +194,108 @@ def crash_scale(iteration: int, cfg: HoverConfig) -> float:
     return 1.0 if iteration <= start else 1.0 + (cfg.crash_multiple - 1.0) * ((iteration - start) / (end - start))
 
 
+def quat_mul(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Hamilton products p q [N, 4] of quaternions (w, x, y, z) [N, 4]: the rotation q, then p."""
+    pw, pv, qw, qv = p[:, :1], p[:, 1:], q[:, :1], q[:, 1:]
+    return torch.cat((pw * qw - (pv * qv).sum(1, keepdim=True), pw * qv + qw * pv + torch.linalg.cross(pv, qv)), 1)
+
+
+def perturbed(cfg) -> bool:
+    """Is any of what the simulator leaves out switched on in cfg (a HoverConfig)?"""
+    return (cfg.motor_lag_s[1] > 0 or cfg.action_delay[1] > 0 or tuple(cfg.mass_scale) != (1.0, 1.0)
+            or tuple(cfg.thrust_scale) != (1.0, 1.0) or any(cfg.obs_noise) or cfg.push_force > 0 or cfg.push_torque > 0)
+
+
+class Perturbations:
+    """What the simulator leaves out, for N drones: HoverConfig's motor_lag_s ... push_interval_s. reset() draws
+    each drone's own at its episode's start; motors(), push() and observe() apply them every step. HoverEnv builds
+    one only when a perturbation is on, so that nothing of this runs otherwise.
+
+    A drone m times heavier, inertia included (as Genesis's set_mass scales it), flies as the nominal one with every
+    propeller force and torque, and every push, divided by m: mass_scale is applied that way, through the RPM (thrust
+    grows with RPM^2). Genesis's own per-env masses need per-env link storage (RigidOptions.batch_links_info), which
+    recompiles and slows down every kernel."""
+
+    def __init__(self, cfg, num_envs, device, generator, weight, obs_scale):
+        N, self.cfg, self.generator = num_envs, cfg, generator
+        pos, vel, att_deg, ang = cfg.obs_noise  # the sigmas, as they show in the observation
+        self.noise = torch.tensor([pos] * 3 + [0.0] * 4 + [vel] * 3 + [ang] * 3 + [0.0] * 4, device=device) * obs_scale
+        self.turn = math.radians(att_deg) / 2  # a small rotation by the angle r is the quaternion (1, r / 2)
+        self.push_sigma = torch.tensor([cfg.push_force * weight, cfg.push_torque], device=device)[:, None]  # [2, 1]
+        self.rpm_scale = torch.ones(N, 1, device=device)  # sqrt(thrust_scale / mass_scale)
+        self.mass_scale = torch.ones(N, 1, device=device)
+        self.lag = torch.ones(N, 1, device=device)  # the RPM's step toward its command: 1 - exp(-dt / tau)
+        self.rpm = torch.full((N, 4), cfg.hover_rpm, device=device)  # the propellers' RPM now
+        self.delay = torch.zeros(N, dtype=torch.long, device=device)  # in control steps
+        self.actions = torch.zeros(cfg.action_delay[1] + 1, N, 4, device=device)  # the last few actions, a ring
+        self.step = 0
+        self.wrench = torch.zeros(N, 2, 3, device=device)  # the push now: force [N], torque [N m], world frame
+        self.push_left = torch.zeros(N, dtype=torch.int32, device=device)  # steps until the next one is drawn
+        self.arange = torch.arange(N, device=device)
+
+    def _uniform(self, low_high, shape):
+        low, high = low_high
+        return low + (high - low) * torch.rand(shape, device=self.rpm.device, generator=self.generator)
+
+    def reset(self, envs):  # envs [N] bool: the drones whose episode starts; no host sync
+        cfg, N, mask = self.cfg, envs.shape[0], envs[:, None]
+        mass = self._uniform(cfg.mass_scale, (N, 1))
+        self.mass_scale = torch.where(mask, mass, self.mass_scale)
+        self.rpm_scale = torch.where(mask, (self._uniform(cfg.thrust_scale, (N, 1)) / mass).sqrt(), self.rpm_scale)
+        tau = self._uniform(cfg.motor_lag_s, (N, 1))
+        self.lag = torch.where(mask, -torch.expm1(-cfg.dt / tau.clamp(min=1e-9)), self.lag)  # tau 0: instant
+        self.rpm.masked_fill_(mask, cfg.hover_rpm)  # a new episode starts hovering
+        low, high = cfg.action_delay
+        delay = torch.randint(low, high + 1, (N,), device=self.rpm.device, generator=self.generator)
+        self.delay = torch.where(envs, delay, self.delay)
+        self.actions.masked_fill_(envs[None, :, None], 0.0)  # what came before the start: hover
+        self.push_left.masked_fill_(envs, 0)  # a new push at the next step
+
+    def motors(self, actions):
+        """actions [N, 4] this step -> the RPM the propellers turn at [N, 4]: each drone's action `delay` steps
+        old, mapped to RPM, followed with the motors' lag, scaled for thrust and mass."""
+        cfg = self.cfg
+        if cfg.action_delay[1] > 0:
+            self.step += 1
+            ring = self.actions.shape[0]
+            self.actions[self.step % ring] = actions
+            actions = self.actions[(self.step - self.delay) % ring, self.arange]  # [N, 4]
+        command = actions.mul(cfg.rpm_gain * cfg.hover_rpm).add_(cfg.hover_rpm)
+        if cfg.motor_lag_s[1] > 0:
+            command = self.rpm.add_(self.lag * (command - self.rpm))
+        return command * self.rpm_scale
+
+    def push(self, drone):
+        """The external wrench of this step, a new one drawn where the last one ran out."""
+        cfg, N = self.cfg, self.rpm.shape[0]
+        if not (cfg.push_force or cfg.push_torque):
+            return
+        self.push_left -= 1
+        new = self.push_left <= 0
+        draw = torch.randn(N, 2, 3, device=self.rpm.device, generator=self.generator).mul_(self.push_sigma)
+        self.wrench = torch.where(new[:, None, None], draw / self.mass_scale[:, :, None], self.wrench)
+        steps = self._uniform(cfg.push_interval_s, (N,)).div_(cfg.dt).round_().int()
+        self.push_left = torch.where(new, steps, self.push_left)
+        drone.apply_links_external_wrench(force=self.wrench[:, None, 0], torque=self.wrench[:, None, 1],
+                                          links_idx_local=[0])
+
+    def observe(self, obs):
+        """obs [N, 17] as noisy sensors give it: Gaussian noise on position and velocities, and a small random
+        rotation of the attitude, each at its sigma (scaled as the observation is), then clipped again."""
+        if not any(self.cfg.obs_noise):
+            return obs
+        noise = torch.randn(obs.shape, device=obs.device, generator=self.generator)  # [N, 17]
+        noisy = noise.mul(self.noise).add_(obs)
+        turn = noise[:, 3:7].mul_(self.turn)  # (the quaternion slots' own draws: unused above)
+        turn[:, 0] = 1.0
+        quat = quat_mul(obs[:, 3:7], turn)
+        noisy[:, 3:7] = quat / torch.linalg.vector_norm(quat, dim=1, keepdim=True)
+        return noisy.clamp_(-1.0, 1.0)
+
+
+TERMS = ("target", "smooth", "yaw", "angular", "crash")  # the reward terms, one weight each in HoverConfig
+
+
 class HoverEnv:
     num_obs = 17
     num_actions = 4
@@ -188,7 +347,13 @@ class HoverEnv:
         self.last_actions = torch.zeros(N, 4, device=dev)  # [N, 4] actions applied at the previous step
         self.episode_length = torch.zeros(N, dtype=torch.int32, device=dev)  # [N] steps into the episode
         self._sums = torch.zeros((), device=dev)  # running per-episode sums, [N, terms + 2] after a step
-        self.reward_crash = cfg.reward_crash  # the crash penalty now: set_iteration() grows it (crash_scale)
+        # Each reward term's weight times dt, in TERMS's order: one multiply weighs them all. set_iteration() grows
+        # the crash penalty (crash_scale); reward_crash is its weight now.
+        self._weights = torch.tensor([cfg.dt * w for w in (cfg.reward_target, cfg.reward_smooth, cfg.reward_yaw,
+                                                           cfg.reward_angular, cfg.reward_crash)], device=dev)
+        self.reward_crash = cfg.reward_crash
+        self._weight = float(self.drone.get_mass().reshape(-1)[0]) * 9.81  # mass * g [N] (one read, at the build)
+        self.perturb = None  # what the simulator leaves out, when cfg switches any of it on: reset() builds it
 
     # ------------------------------------------------------------------------------------------------------------
     def _draw_targets(self) -> torch.Tensor:
@@ -206,6 +371,7 @@ class HoverEnv:
     def set_iteration(self, iteration: int):
         """The task contract's curriculum hook, called by train.py before each training iteration (1, 2, ...)."""
         self.reward_crash = self.cfg.reward_crash * crash_scale(iteration, self.cfg)
+        self._weights[-1] = self.cfg.dt * self.reward_crash  # (a host-to-device copy, no sync)
 
     def _show_targets(self):
         if self.target_marker is not None:
@@ -216,6 +382,10 @@ class HoverEnv:
         that the first time-outs spread out."""
         N, dev = self.num_envs, self.device
         self.drone.set_qpos(self._init_qpos, zero_velocity=True)
+        self.perturb = Perturbations(self.cfg, N, dev, self.generator, self._weight, self._obs_scale) \
+            if perturbed(self.cfg) else None  # (the config's own: eval.py changes it between flights)
+        if self.perturb is not None:
+            self.perturb.reset(torch.ones(N, dtype=torch.bool, device=dev))
         self.base_pos = self._init_qpos[:, :3].clone()
         self.target_pos = self._draw_targets()
         self.last_actions.zero_()
@@ -227,7 +397,7 @@ class HoverEnv:
         self._show_targets()
         obs = self._start_obs.expand(N, self.num_obs).clone()
         self._observe_target(obs)
-        return obs
+        return obs if self.perturb is None else self.perturb.observe(obs)
 
     def _check(self, actions):
         expected = (self.num_envs, self.num_actions)
@@ -249,14 +419,20 @@ class HoverEnv:
         self._check(actions)
         cfg = self.cfg
         a = actions.clamp(-1.0, 1.0)  # [N, 4]
-        self.drone.set_propellers_rpm(a.mul(cfg.rpm_gain * cfg.hover_rpm).add_(cfg.hover_rpm))
+        if self.perturb is None:
+            self.drone.set_propellers_rpm(a.mul(cfg.rpm_gain * cfg.hover_rpm).add_(cfg.hover_rpm))
+        else:  # the motors' delay and lag, the drone's mass and thrust; a push
+            self.drone.set_propellers_rpm(self.perturb.motors(a))
+            self.perturb.push(self.drone)
         self.scene.step()
 
         # Free-joint state: qpos = world position + quaternion, dof velocity = world linear + *body* angular velocity.
         qpos, dof_vel = self.drone.get_qpos(), self.drone.get_dofs_velocity()  # [N, 7], [N, 6] (fresh copies)
         # A blown-up env must not spread NaN into obs and reward: zero its state here, reset it below. (The row sum
-        # of finite, moderate numbers is finite, so one isfinite on the sums checks the whole row.)
-        nonfinite = ~torch.isfinite(qpos.sum(1) + dof_vel.sum(1))  # [N]
+        # of finite, moderate numbers is finite, so the sums check the whole row; s - s is 0 but for NaN or inf:
+        # two ops where ~isfinite(s) takes five.)
+        row = qpos.sum(1) + dof_vel.sum(1)  # [N]
+        nonfinite = (row - row) != 0
         qpos.masked_fill_(nonfinite[:, None], 0.0)
         dof_vel.masked_fill_(nonfinite[:, None], 0.0)
         pos, quat, ang_vel_b = qpos[:, :3], qpos[:, 3:], dof_vel[:, 3:]
@@ -272,15 +448,14 @@ class HoverEnv:
         crashed &= finite
         # The example also ends episodes on |roll| or |pitch| > 180 deg; Euler angles never exceed that: left out.
         at_target = (dist2 < cfg.at_target_dist ** 2) & finite  # [N]
-        dt = cfg.dt
-        terms = {  # [N] each: this step's reward terms, weighted (HoverConfig) and scaled by dt
-            "target": dt * cfg.reward_target * progress(prev_rel_pos, dist2, cfg.progress_speed_cap, dt),
-            "smooth": dt * cfg.reward_smooth * (a - self.last_actions).square().sum(1),
-            "yaw": dt * cfg.reward_yaw * torch.exp(cfg.yaw_lambda * quat_yaw(quat).abs()),
-            "angular": dt * cfg.reward_angular * ang_vel_b.square().sum(1).sqrt(),
-            "crash": dt * self.reward_crash * crashed.float(),
-        }
-        weighted = torch.stack(tuple(terms.values()), 1).masked_fill_(nonfinite[:, None], 0.0)  # [N, terms]
+        crashes = crashed.float()
+        terms = torch.stack((  # [N, terms]: this step's reward terms (TERMS), then each times its weight and dt
+            progress(prev_rel_pos, dist2, cfg.progress_speed_cap, cfg.dt),  # toward the target [m^2]
+            (a - self.last_actions).square().sum(1),  # change of action
+            torch.exp(cfg.yaw_lambda * quat_yaw(quat).abs()),  # heading held
+            ang_vel_b.square().sum(1).sqrt(),  # spin [rad/s]
+            crashes), 1)
+        weighted = terms.mul_(self._weights).masked_fill_(nonfinite[:, None], 0.0)  # [N, terms]
         reward = weighted.sum(1)  # [N]
 
         terminated = crashed | nonfinite  # no bootstrapping past these
@@ -291,9 +466,8 @@ class HoverEnv:
         # are and restart from zero in a fresh tensor.
         sums = self._sums + torch.cat((weighted, self._ones, at_target.float()[:, None]), 1)  # [N, terms + 2]
         self._sums = sums.masked_fill(done[:, None], 0.0)
-        episode = {f"reward_{name}": sums[:, i] for i, name in enumerate(terms)}
-        episode.update(length=sums[:, -2], targets=sums[:, -1], crashes=crashed.float(),
-                       **{"return": sums[:, :-2].sum(1)})
+        episode = {f"reward_{name}": sums[:, i] for i, name in enumerate(TERMS)}
+        episode.update(length=sums[:, -2], targets=sums[:, -1], crashes=crashes, **{"return": sums[:, :-2].sum(1)})
 
         # Observation before any reset (bootstrapping target for time-outs). The action slot holds the action
         # applied in this step; the Genesis example stores the one before it (one step staler).
@@ -311,6 +485,9 @@ class HoverEnv:
         obs = torch.where(reset, self._start_obs, final_obs)
         self._observe_target(obs)
         self._show_targets()
+        if self.perturb is not None:  # the next episode's draws; what the policy sees, through noisy sensors
+            self.perturb.reset(done)
+            obs = self.perturb.observe(obs)
 
         info = {"time_outs": time_outs, "final_obs": final_obs, "episode": episode, "nonfinite": nonfinite}
         return obs, reward, done, info
@@ -379,7 +556,9 @@ def describe(cfg: dict) -> dict:
     motors = [{"index": i, "position_m": [x, y], "spin": spin}  # cf2x.urdf as Genesis loads it; x forward, y left
               for i, (x, y, spin) in enumerate([(0.028, -0.028, "CW"), (-0.028, -0.028, "CCW"),
                                                 (-0.028, 0.028, "CW"), (0.028, 0.028, "CCW")])]
-    return {"control_rate_hz": round(1 / cfg["dt"]), "observation": observation,
+    gaps = {k: cfg[k] for k in UNPERTURBED if k != "randomize"}
+    trained = gaps if perturbed(HoverConfig(**cfg)) else "none: the simulator's nominal drone"
+    return {"control_rate_hz": round(1 / cfg["dt"]), "observation": observation, "trained_against": trained,
             "observation_note": "each value is the physical quantity times scale, then clipped; the policy's "
                                 "normalizer is inside every artifact. previous_action is the last action "
                                 "output (clipped), zeros at the start of a flight.",

@@ -13,6 +13,7 @@ flown with training's own episode bookkeeping (logger.EpisodeStats), and the tas
 """
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -36,6 +37,9 @@ def parse_args(argv=None):
                    help="envs flown at once (default 256)")
     p.add_argument("--seconds", type=float, default=30.0, help="simulated seconds of flight (default 30)")
     p.add_argument("--noise", action="store_true", help="sample actions as in training instead of the mean")
+    p.add_argument("--perturbations", action="store_true",
+                   help="fly each of the task's perturbations (the drone's: motor lag, delay, mass, thrust, sensor "
+                        "noise, pushes), then all at once, each on the same targets; print one table")
     p.add_argument("--video", action="store_true", help="save <ckpt>_flight.mp4 of env 0")
     p.add_argument("--viewer", action="store_true", help="open Genesis's interactive viewer")
     args = p.parse_args(argv)
@@ -65,6 +69,25 @@ def fly(policy, env, steps, noise):
     return episodes.read(), everything.read(), trace
 
 
+def perturbation_table(policy, env, task, task_cfg, steps, args, seed):
+    """Fly the same flight under each of the task's PERTURBATIONS (settings of its Config); print and return the
+    rates of each."""
+    unit, minutes, rows = env.unit, args.envs * steps * env.dt / 60, {}
+    names = [f"{k}_per_{unit}_min" for k in env.rates]
+    print(f"  {args.envs} {unit}s x {steps * env.dt:g} s, the {'training' if args.noise else 'deterministic'} policy:")
+    print(f"  {'perturbation':<26s}" + "".join(f"{n:>24s}" for n in names) + f"{'count':>10s}")
+    for name, change in task.PERTURBATIONS.items():
+        env.cfg = dataclasses.replace(task_cfg, **change)
+        env.generator.manual_seed(seed)  # the same targets under every perturbation
+        torch.manual_seed(seed)
+        flown = fly(policy, env, steps, args.noise)[1]
+        rows[name] = {n: flown[n] for n in names}
+        count = round(flown[names[-1]] * minutes)
+        print(f"  {name:<26s}" + "".join(f"{flown[n]:24.3f}" for n in names) + f"{count:10d}", flush=True)
+    env.cfg = task_cfg
+    return {"checkpoint": args.checkpoint, f"{unit}s": args.envs, "seconds": steps * env.dt, "perturbations": rows}
+
+
 def plot_learning_curve(run_dir, unit, rates):
     import matplotlib.pyplot as plt
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -91,6 +114,8 @@ def main(argv=None):
         fail(e)
     import importlib
     task = importlib.import_module(TASKS[cfg.task])  # genesis starts only after the arguments were checked
+    if args.perturbations and not hasattr(task, "PERTURBATIONS"):
+        fail(f"the {cfg.task} task names no perturbations (its module has no PERTURBATIONS)")
     env = task.Env(args.envs, device="cuda" if torch.cuda.is_available() else "cpu", seed=cfg.seed + 10_000,
                    cfg=task_cfg, show_viewer=args.viewer, record_camera=args.video)
     policy = build_policy(cfg, env.num_obs, env.num_actions)
@@ -99,8 +124,10 @@ def main(argv=None):
     stem = os.path.splitext(args.checkpoint)[0]
     if args.video:  # the camera renders itself as the scene steps, and streams frames to the file
         env.camera.start_recording(save_to_filename=stem + "_flight.mp4", fps=50)
-    torch.manual_seed(cfg.seed + 10_000)  # the action noise of --noise
     steps = round(args.seconds / env.dt)
+    if args.perturbations:
+        return perturbation_table(policy, env, task, task_cfg, steps, args, cfg.seed + 10_000)
+    torch.manual_seed(cfg.seed + 10_000)  # the action noise of --noise
     ended, flown, trace = fly(policy, env, steps, args.noise)
     if args.video:
         env.camera.stop_recording()

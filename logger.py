@@ -26,8 +26,8 @@ class EpisodeStats:
         if self.names is None:
             self.names = list(episode)
             self.sums = torch.zeros(1 + len(self.names), dtype=torch.float64, device=done.device)
-        d = done.double()
-        self.sums += torch.stack([d] + [episode[name] * d for name in self.names]).sum(1)
+        per_env = torch.stack([done.float(), *(episode[name] for name in self.names)], 1).double()  # [N, 1 + names]
+        self.sums.addmv_(per_env.T, done.double())  # sums over the envs where done: 4 ops, whatever the names
 
     def read(self, all_sum=None):
         """The figures, over all workers (all_sum adds a tensor up over them): one host sync; the sums restart."""

@@ -65,9 +65,10 @@ class ActorCritic(nn.Module):
     def act(self, obs):  # rollout: obs [N, obs] -> ActOutput
         x = self.obs_norm(obs)
         mean = self.actor(x)  # [N, act]
-        std = self.action_std().expand_as(mean)  # [N, act], a view: no copy
+        std = self.action_std()  # [act], broadcast over the N envs: its log is taken act times, not N * act
         actions = mean + std * torch.randn_like(mean)
-        return ActOutput(actions, gaussian_log_prob(actions, mean, std), self.critic(x).squeeze(-1), mean, std)
+        return ActOutput(actions, gaussian_log_prob(actions, mean, std), self.critic(x).squeeze(-1), mean,
+                         std.expand_as(mean))
 
     def evaluate(self, obs, actions):  # update: obs [B, obs], actions [B, act] -> EvaluateOutput
         x = self.obs_norm(obs)

@@ -8,7 +8,8 @@ on the device (no host sync). Imports only torch and needs of the other stages o
     policy.evaluate(obs, actions)  fields log_prob, entropy, value [B] and mean, std [B, act]
     optimizer                      zero_grad(), step(), param_groups[i]["lr"]: adam.Adam or a torch.optim one
     each minibatch                 the fields of storage.Batch
-Defaults are the Genesis hover example's (rsl_rl's PPO, with its clipped value loss and adaptive lr).
+Defaults are rsl_rl's PPO's (5.5.1: its clipped value loss, adaptive lr, entropy bonus); a task sets what its own
+Genesis example changes (train.py: the task's TRAIN).
 """
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -25,16 +26,16 @@ class PPOConfig:
     clip: float = _setting(0.2, "epsilon of the clipped surrogate: the ratio is kept within [1 - clip, 1 + clip]")
     clip_value_loss: bool = _setting(True, "also keep the value prediction within clip of the rollout's value")
     value_coef: float = _setting(1.0, "weight of the value loss")
-    entropy_coef: float = _setting(0.004, "weight of the entropy bonus (keeps the policy exploring)")
+    entropy_coef: float = _setting(0.01, "weight of the entropy bonus (keeps the policy exploring)")
     num_epochs: int = _setting(5, "passes over the rollout per update")
     num_minibatches: int = _setting(4, "minibatches per pass; each holds 1/num_minibatches of the rollout")
-    learning_rate: float = _setting(3e-4, "initial learning rate; then adapted to the KL when adaptive_lr")
+    learning_rate: float = _setting(1e-3, "initial learning rate; then adapted to the KL when adaptive_lr")
     adaptive_lr: bool = _setting(True, "rsl_rl's schedule: lr / 1.5 when KL > 2 desired_kl, lr * 1.5 when < half")
     desired_kl: float = _setting(0.01, "target KL(rollout policy || current policy) per minibatch")
     lr_min: float = _setting(1e-5, "lower bound of the adaptive learning rate (rsl_rl's)")
     lr_max: float = _setting(1e-2, "upper bound of the adaptive learning rate (rsl_rl's)")
     max_grad_norm: float = _setting(1.0, "the gradient's global L2 norm is clipped to this")
-    gamma: float = _setting(0.99, "discount per 0.01 s step: a reward 1 s ahead counts 0.37")
+    gamma: float = _setting(0.99, "discount per step: at 100 steps per second, a reward 1 s ahead counts 0.37")
     lam: float = _setting(0.95, "GAE lambda: the bias/variance trade-off of the advantage")
 
 

@@ -6,11 +6,11 @@ Every buffer is preallocated once as [T, N, ...] on the policy's device, so a ro
 never leaves the device. compute_returns() runs GAE(lambda) backward over T only (all N envs are one vector
 operation per step); minibatches() reshuffles the T*N samples every epoch and cuts them into equal parts.
 
-Episode ends. After a crash (a termination) the bootstrap is cut. A time-out (truncated at 15 s) is not a
-real end, so its return is bootstrapped with the critic's value of the observation the episode ended in (the
-env's pre-reset `final_obs`; Pardo et al., 2018, "Time Limits in Reinforcement Learning"). rsl_rl uses
-V(s_t) of the step before instead; this is exact, and cheap: time-outs are rare, so the trainer runs the
-critic once per rollout on just their observations, `timed_out_obs()`.
+Episode ends. After a termination (a crash, a fall) the bootstrap is cut. A time-out (the episode truncated at
+the task's time limit) is not a real end, so its return is bootstrapped with the critic's value of the
+observation the episode ended in (the env's pre-reset `final_obs`; Pardo et al., 2018, "Time Limits in
+Reinforcement Learning"). rsl_rl uses V(s_t) of the step before instead; this is exact, and cheap: time-outs
+are rare, so the trainer runs the critic once per rollout on just their observations, `timed_out_obs()`.
 """
 from typing import NamedTuple
 

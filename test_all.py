@@ -6,6 +6,7 @@ take its section along. The Genesis sections build one scene per task for the wh
 performance mode off (GS_PERFORMANCE_MODE=0, set here for this process and every one the tests start; see
 env.init_genesis): a cached scene then builds in seconds, whatever its number of envs.
 """
+import contextlib
 import copy
 import dataclasses
 import json
@@ -1034,6 +1035,112 @@ def test_one_genesis_backend_per_process(env):
         HoverEnv(num_envs=2, device="mps")
 
 
+# What the simulator leaves out (HoverConfig's motor_lag_s ... push_torque). Each test swaps the env's config
+# directly, as eval.py --perturbations does, and restores it.
+@contextlib.contextmanager
+def perturbed_env(env, **change):
+    env.cfg = dataclasses.replace(CFG, **change)
+    try:
+        yield env.reset()
+    finally:
+        env.cfg = CFG
+        env.reset()
+
+
+def test_perturbations_are_off_by_default_and_cost_nothing(env):
+    """Off, nothing of them is built or drawn: switching them all off explicitly flies the same bits as the default
+    config, whose episodes draw only targets."""
+    assert not env_module.perturbed(CFG) and all(env_module.perturbed(HoverConfig(**c)) for name, c in
+                                                env_module.PERTURBATIONS.items() if name != "none")
+    def rollout():
+        env.generator.manual_seed(3)
+        g = torch.Generator().manual_seed(4)
+        out = [env.reset()]
+        for _ in range(30):
+            out += env.step(torch.rand(N, 4, generator=g) * 2 - 1)[:2]
+        return out
+    plain = rollout()
+    assert env.perturb is None
+    with perturbed_env(env, **env_module.UNPERTURBED):
+        assert env.perturb is None and all(torch.equal(a, b) for a, b in zip(rollout(), plain))
+
+
+def test_randomize_takes_the_ranges_left_off():
+    cfg = HoverConfig(randomize=True, mass_scale=(1.0, 1.05))
+    assert cfg.motor_lag_s == (0.03, 0.15) and cfg.action_delay == (0, 2) and cfg.push_force == 0.05
+    assert cfg.mass_scale == (1.0, 1.05)  # set by hand: kept
+    assert dataclasses.replace(cfg) == cfg  # a checkpoint's config rebuilds as it was
+    for bad in (dict(motor_lag_s=(0.1, 0.05)), dict(mass_scale=(0.0, 1.0)), dict(obs_noise=(0.01,)),
+                dict(push_force=-1.0)):
+        with pytest.raises(ValueError, match="must be a range|takes 4 sigmas"):
+            HoverConfig(**bad)
+
+
+def test_motor_lag_is_first_order(env):
+    """A step of the command from hover to full throttle: the RPM closes 1 - exp(-t / tau) of the gap by t."""
+    with perturbed_env(env, motor_lag_s=(0.05, 0.05)):
+        hover, full_rpm = CFG.hover_rpm, CFG.hover_rpm * (1 + CFG.rpm_gain)
+        for k in range(1, 11):
+            env.step(full(1.0))
+            expected = full_rpm - (full_rpm - hover) * math.exp(-k * DT / 0.05)
+            assert torch.allclose(env.perturb.rpm, torch.full((N, 4), expected), rtol=1e-5), k
+        lagged = env.base_pos[:, 2].clone()
+    env.reset()
+    run(env, full(1.0), 10)
+    assert (env.base_pos[:, 2] > lagged + 0.002).all()  # without the lag, the same 0.1 s climbs higher
+
+
+def test_action_delay_shifts_the_applied_action_by_k_steps(env):
+    with perturbed_env(env, action_delay=(2, 2)):
+        sent = [torch.full((N, 4), v) for v in (0.1, 0.2, 0.3, 0.4, 0.5)]
+        applied = [env.perturb.motors(a) for a in sent]  # the RPM of the action 2 steps old (hover before)
+        rpm = lambda a: CFG.hover_rpm * (1 + CFG.rpm_gain * a)  # noqa: E731
+        assert torch.allclose(applied[0], torch.full((N, 4), rpm(0.0)))
+        assert torch.allclose(applied[1], torch.full((N, 4), rpm(0.0)))
+        assert all(torch.allclose(applied[k], rpm(sent[k - 2])) for k in range(2, 5))
+
+
+def test_a_heavier_drone_needs_more_rpm_to_hover(env):
+    """20 % heavier: at the nominal hover RPM it sinks; at sqrt(1.2) times it, it holds its height."""
+    with perturbed_env(env, mass_scale=(1.2, 1.2)):
+        run(env, torch.zeros(N, 4), 30)
+        sank = 1.0 - env.base_pos[:, 2]
+        env.reset()
+        hover_action = (math.sqrt(1.2) - 1) / CFG.rpm_gain
+        run(env, torch.full((N, 4), hover_action), 30)
+        held = (1.0 - env.base_pos[:, 2]).abs()
+    assert (sank > 0.05).all() and (held < 0.005).all()  # 0.3 s: g / 6 falls 7.4 cm
+
+
+def test_observation_noise_has_the_asked_sigmas(env):
+    """Noisy observations of the same states as clean ones: the differences have the asked sigmas (scaled as the
+    observation is), and the attitude is turned by about the asked angle per axis."""
+    with perturbed_env(env, obs_noise=(0.01, 0.05, 1.0, 0.1)):
+        clean = env._start_obs.expand(N, 17).clone()
+        env._observe_target(clean)
+        diffs = torch.stack([env.perturb.observe(clean) - clean for _ in range(2000)])  # [2000, N, 17]
+        noisy_quats = torch.stack([env.perturb.observe(clean)[:, 3:7] for _ in range(2000)])
+    sigma = diffs.flatten(0, 1).std(0)
+    assert torch.allclose(sigma[:3], torch.full((3,), 0.01 / 3), rtol=0.05)
+    assert torch.allclose(sigma[7:10], torch.full((3,), 0.05 / 3), rtol=0.05)
+    assert torch.allclose(sigma[10:13], torch.full((3,), 0.1 / 25), rtol=0.05)
+    assert torch.equal(sigma[13:], torch.zeros(4))  # the previous action is known exactly
+    turn_deg = 2 * noisy_quats[..., 1:].flatten(0, 1).std(0) * 180 / math.pi  # from the level start: (1, r / 2)
+    assert torch.allclose(turn_deg, torch.ones(3), rtol=0.05)
+    assert torch.allclose(noisy_quats.norm(dim=-1), torch.ones(1), atol=1e-6)
+
+
+def test_a_push_moves_the_drone_its_way(env):
+    """A strong push (half the weight per axis, no torque) on hovering drones: each drifts along its own force."""
+    with perturbed_env(env, push_force=0.5, push_interval_s=(1.0, 1.0)):
+        run(env, torch.zeros(N, 4), 15)
+        force = env.perturb.wrench[:, 0]  # [N, 3] world frame, drawn at the first step and held for 1 s
+        moved = env.base_pos - INIT
+        assert (force.norm(dim=1) > 0).all() and (env.perturb.push_left == 100 - 14).all()  # drawn at step 1
+    cosine = torch.nn.functional.cosine_similarity(moved, force, dim=1)
+    assert (cosine > 0.9).all(), cosine
+
+
 def test_measure_gives_eval_the_distance_and_drone_0(env):
     env.reset()
     env.step(torch.zeros(N, 4))
@@ -1197,7 +1304,6 @@ def test_go2_describe_lists_every_observation():
 
 
 # ---------------------------------------------------------------- train.py
-import contextlib
 import importlib.util
 import io
 import shutil
@@ -1522,6 +1628,19 @@ def test_eval_reports_on_a_checkpoint(smoke_run):
     assert noisy["policy"] == "with action noise" and noisy["mean_distance_m"] != report["mean_distance_m"]
 
 
+def test_eval_flies_every_perturbation_on_the_same_targets(smoke_run, capsys):
+    report = evaluation.main([os.path.join(smoke_run, "ckpt_0002.pt"), "--drones", "8", "--seconds", "2",
+                              "--perturbations"])
+    rows = report["perturbations"]
+    assert list(rows) == list(env_module.PERTURBATIONS) and rows["none"].keys() == {"targets_per_drone_min",
+                                                                                   "crashes_per_drone_min"}
+    plain = evaluation.main([os.path.join(smoke_run, "ckpt_0002.pt"), "--drones", "8", "--seconds", "2"])
+    assert rows["none"]["crashes_per_drone_min"] == plain["crashes_per_drone_min"]  # the same flight, unperturbed
+    assert len({r["crashes_per_drone_min"] for r in rows.values()}) > 1  # the perturbations change the flight
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in rows)
+
+
 def test_eval_reports_the_walking_figures_of_a_go2_checkpoint(go2_run):
     run_dir, _ = go2_run
     report = evaluation.main([os.path.join(run_dir, "ckpt_0002.pt"), "--robots", "8", "--seconds", "1"])
@@ -1530,6 +1649,9 @@ def test_eval_reports_the_walking_figures_of_a_go2_checkpoint(go2_run):
     assert report["mean_forward_velocity_error"] == pytest.approx(report["mean_forward_velocity"] - 0.5, abs=1e-6)
     assert 0.05 < report["mean_base_height"] < 0.45
     assert os.path.isfile(os.path.join(run_dir, "ckpt_0002_flight.png"))
+    with pytest.raises(SystemExit) as e:
+        evaluation.main([os.path.join(run_dir, "ckpt_0002.pt"), "--perturbations"])
+    assert e.value.code == 2
 
 
 def test_eval_flies_the_task_the_checkpoint_was_trained_on(smoke_run, tmp_path, monkeypatch):

@@ -105,9 +105,9 @@ def parse_args(argv=None):
                           (f"the task ({task.__name__}.Config)", dataclasses.fields(task.Config))):
         group = p.add_argument_group(title)
         for f in fields:
-            d = f.default
+            d, shown = f.default, task.TRAIN.get(f.name, f.default)  # the task's own defaults, shown as such
             kind = type(d[0]) if isinstance(d, tuple) else boolean if isinstance(d, bool) else type(d)
-            shown = " ".join(map(str, d)) if isinstance(d, tuple) else d
+            shown = " ".join(map(str, shown)) if isinstance(shown, tuple) else shown
             group.add_argument("--" + f.name.replace("_", "-"), type=kind, nargs="+" if isinstance(d, tuple) else None,
                                choices=f.metadata.get("choices"),
                                help=f"{f.metadata.get('help', '')} (default {shown})".replace("%", "%%"))

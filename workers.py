@@ -1,6 +1,6 @@
-"""Data-parallel training: several processes (workers), each with its own drones and a copy of the network.
+"""Data-parallel training: several processes (workers), each with its own envs and a copy of the network.
 
-    every worker: rollout of its own drones -> storage -> PPO loss -> backward
+    every worker: rollout of its own envs -> storage -> PPO loss -> backward
                   -> [gradient averaged over all workers: one all-reduce] -> the same Adam step everywhere
 
 The global batch is workers x num_envs x num_steps. Workers start from rank 0's weights and average every

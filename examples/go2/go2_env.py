@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from env import init_genesis, quat_rotate_inverse
+from env import init_genesis, quat_rotate_inverse, setting
 
 JOINTS = ("FR_hip_joint", "FR_thigh_joint", "FR_calf_joint", "FL_hip_joint", "FL_thigh_joint", "FL_calf_joint",
           "RR_hip_joint", "RR_thigh_joint", "RR_calf_joint", "RL_hip_joint", "RL_thigh_joint", "RL_calf_joint")
@@ -24,39 +24,43 @@ JOINTS = ("FR_hip_joint", "FR_thigh_joint", "FR_calf_joint", "FL_hip_joint", "FL
 
 @dataclass
 class Go2Config:
-    """Every constant of the task; the defaults are those of Genesis's Go2 example."""
+    """Every constant of the task; the defaults are those of Genesis's Go2 example. Each field is a flag of train.py
+    (with --task go2)."""
 
-    dt: float = 0.02  # control step [s] (50 Hz, the real robot's), split into `substeps` physics substeps
-    substeps: int = 2
-    episode_length_s: float = 20.0  # time-out after this long: 1000 steps
-    joint_names: tuple = JOINTS  # the order of the actions and of the joint observations
-    default_joint_angles: tuple = (0.0, 0.8, -1.5, 0.0, 0.8, -1.5, 0.0, 1.0, -1.5, 0.0, 1.0, -1.5)  # [rad], same order
-    kp: float = 20.0  # PD gains of every joint [N m / rad], [N m s / rad]
-    kd: float = 0.5
-    action_scale: float = 0.25  # target angle = default angle + action_scale * action [rad]
-    clip_actions: float = 100.0  # actions are clipped to [-clip_actions, clip_actions] (the example's: barely a clip)
-    action_latency: bool = True  # the joints get the previous step's action, as the real robot's 1-step latency
-    init_pos: tuple = (0.0, 0.0, 0.42)  # every episode starts standing here, in the default pose, at rest
-    init_quat: tuple = (1.0, 0.0, 0.0, 0.0)  # level: roll and pitch are read from gravity in the body frame
-    fall_angle_deg: float = 10.0  # a fall: |roll| or |pitch| above this ends the episode [deg]
-    command_low: tuple = (0.5, 0.0, 0.0)  # velocity command (forward, lateral [m/s], yaw [rad/s]), uniform in
-    command_high: tuple = (0.5, 0.0, 0.0)  # [low, high] per component; the example's: 0.5 m/s forward
-    command_resample_s: float = 4.0  # a new command this often (and at every reset)
-    obs_lin_vel_scale: float = 2.0  # scales of the command's velocities and of the observed rates
-    obs_ang_vel_scale: float = 0.25
-    obs_dof_vel_scale: float = 0.05
-    tracking_sigma: float = 0.25  # tracking rewards: exp(-error^2 / sigma)
-    base_height_target: float = 0.3  # [m]
+    dt: float = setting(0.02, "control step [s] (50 Hz, the real robot's), split into substeps physics substeps")
+    substeps: int = setting(2, "physics substeps per step")
+    episode_length_s: float = setting(20.0, "time-out after this long [s]: 1000 steps")
+    joint_names: tuple = setting(JOINTS, "the order of the actions and of the joint observations")
+    default_joint_angles: tuple = setting((0.0, 0.8, -1.5, 0.0, 0.8, -1.5, 0.0, 1.0, -1.5, 0.0, 1.0, -1.5),
+                                          "the standing pose [rad], in joint_names order")
+    kp: float = setting(20.0, "PD gain of every joint [N m / rad]")
+    kd: float = setting(0.5, "PD damping of every joint [N m s / rad]")
+    action_scale: float = setting(0.25, "target angle = default angle + action_scale * action [rad]")
+    clip_actions: float = setting(100.0, "actions are clipped to [-clip_actions, clip_actions]")
+    action_latency: bool = setting(True, "the joints get the previous step's action (the real robot's latency)")
+    init_pos: tuple = setting((0.0, 0.0, 0.42), "every episode starts here [m], in the default pose, at rest")
+    init_quat: tuple = setting((1.0, 0.0, 0.0, 0.0), "level: roll and pitch are read from gravity in the body "
+                                                    "frame")
+    fall_angle_deg: float = setting(10.0, "a fall: |roll| or |pitch| above this ends the episode [deg]")
+    command_low: tuple = setting((0.5, 0.0, 0.0), "velocity command (forward, lateral [m/s], yaw [rad/s]), "
+                                                  "uniform in [low, high] per component")
+    command_high: tuple = setting((0.5, 0.0, 0.0), "(the example's: 0.5 m/s forward)")
+    command_resample_s: float = setting(4.0, "a new command this often [s] (and at every reset)")
+    obs_lin_vel_scale: float = setting(2.0, "observed command velocities: times this")
+    obs_ang_vel_scale: float = setting(0.25, "observed angular velocity and yaw command: times this")
+    obs_dof_vel_scale: float = setting(0.05, "observed joint velocities: times this")
+    tracking_sigma: float = setting(0.25, "tracking rewards: exp(-error^2 / sigma)")
+    base_height_target: float = setting(0.3, "the base height rewarded [m]")
     # Reward weights, one per term of `step` (each term is also multiplied by dt, as in the example).
-    reward_tracking_lin_vel: float = 1.0  # forward and lateral velocity on command
-    reward_tracking_ang_vel: float = 0.2  # yaw rate on command
-    reward_lin_vel_z: float = -1.0  # vertical velocity^2
-    reward_base_height: float = -50.0  # (height - base_height_target)^2
-    reward_action_rate: float = -0.005  # |a - a_prev|^2
-    reward_similar_to_default: float = -0.1  # sum |joint angle - default angle|
-    camera_pos: tuple = (2.0, 0.0, 2.5)  # viewer / recording camera
-    camera_lookat: tuple = (0.0, 0.0, 0.5)
-    camera_fov: float = 40.0
+    reward_tracking_lin_vel: float = setting(1.0, "forward and lateral velocity on command")
+    reward_tracking_ang_vel: float = setting(0.2, "yaw rate on command")
+    reward_lin_vel_z: float = setting(-1.0, "vertical velocity^2")
+    reward_base_height: float = setting(-50.0, "(height - base_height_target)^2")
+    reward_action_rate: float = setting(-0.005, "|a - a_prev|^2")
+    reward_similar_to_default: float = setting(-0.1, "sum |joint angle - default angle|")
+    camera_pos: tuple = setting((2.0, 0.0, 2.5), "the viewer's and the video's camera [m]")
+    camera_lookat: tuple = setting((0.0, 0.0, 0.5), "where it looks [m]")
+    camera_fov: float = setting(40.0, "its field of view [deg]")
 
     def __post_init__(self):
         if len(self.joint_names) != len(self.default_joint_angles):
@@ -65,11 +69,13 @@ class Go2Config:
 
 
 # train.py's settings for this task. TRAIN: the Genesis example's (go2_train.py: rsl_rl, 4096 robots x 24 steps,
-# 101 iterations, actor and critic 512-256-128 ELU); CPU_PRESET: without a GPU, on top of TRAIN (EXPERIMENTS.md,
-# "Go2 on 2 CPU cores").
+# 101 iterations, actor and critic 512-256-128 ELU, lr 1e-3, entropy 0.01). CPU_PRESET, on top of it without CUDA
+# (EXPERIMENTS.md, "The Go2 on 2 CPU cores"): 2 workers x 512 robots x 24 steps, the samples per iteration of
+# the example at 1024 robots, each simulator on a core of its own; a network 3.5x smaller, 256-128-64 ELU: the
+# update of 512-256-128 took twice the rollout's time, and the smaller one learned as fast per iteration.
 TRAIN = dict(num_envs=4096, num_steps=24, max_iterations=101, hidden=(512, 256, 128), activation="elu",
              learning_rate=1e-3, entropy_coef=0.01)
-CPU_PRESET = dict(num_envs=512, workers=2, threads_update=1, max_iterations=150)
+CPU_PRESET = dict(num_envs=512, workers=2, threads_update=1, hidden=(256, 128, 64), max_iterations=200)
 
 
 def tilt_deg(gravity_b: torch.Tensor):
