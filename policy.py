@@ -10,11 +10,12 @@ forward pass answers all of them. Training updates this one set of weights, in p
     std     a learnable vector [act] (not its log, as in rsl_rl): a ~ N(mean, std^2), dims independent;
             used clamped to at least min_std (0: no floor)
 
-For the drone (obs 17, actions 4): 19,332 actor + 18,945 critic = 38,277 weights (153 KB in float32) + 4 std.
+The seed's network (obs 17, actions 4, 128-128 tanh): 19,332 actor + 18,945 critic = 38,277 weights (153 KB in
+float32) + 4 std.
 An optional running normalizer of the observations sits in front; its statistics are saved with the weights.
 The actor's last layer starts 100x smaller than PyTorch's default and without bias, so the untrained policy
-commands about the same action (0: the task's neutral one, such as hover or standing) for every observation
-instead of a fixed random bias per output.
+commands about the same action (0, which a task makes its neutral one) for every observation instead of a fixed
+random bias per output.
 """
 import math
 from typing import NamedTuple
@@ -48,11 +49,14 @@ class ActorCritic(nn.Module):
         self.actor = mlp([num_obs, *hidden, num_actions], activation)
         self.critic = mlp([num_obs, *hidden, 1], activation)
         self.std = nn.Parameter(init_std * torch.ones(num_actions))
-        self.min_std = min_std  # a floor keeps small batches exploring (EXPERIMENTS.md)
-        with torch.no_grad():  # the untrained actor commands about 0 (hover) whatever it sees (EXPERIMENTS.md)
+        # A floor keeps small batches exploring (EXPERIMENTS.md, "Holding the action std at 0.3").
+        self.min_std = min_std
+        # The untrained actor commands about 0 whatever it sees (EXPERIMENTS.md, "Angular velocity seen up to 25 rad/s,
+        # and an actor that starts at hover").
+        with torch.no_grad():
             self.actor[-1].weight.mul_(0.01)
             self.actor[-1].bias.zero_()
-        # Off by default, as in the Genesis hover example: its observations are already scaled to about [-1, 1].
+        # Off by default, as in Genesis's examples: their observations are already scaled to about [-1, 1].
         self.obs_norm = RunningNorm(num_obs) if normalize_obs else nn.Identity()
 
     def update_normalizer(self, obs, all_sum=None):  # obs [B, obs]; a no-op when normalization is off
@@ -145,7 +149,7 @@ class _TanhViaSigmoid(torch.autograd.Function):
 class Tanh(nn.Module):
     """nn.Tanh with an optional speed-up for CPUs, where torch.tanh is several times slower than
     torch.sigmoid: there it is computed through the sigmoid (within 2e-7 of torch.tanh; the saving is
-    measured in EXPERIMENTS.md). On a GPU it is torch.tanh. Replace it by nn.Tanh to drop the trick."""
+    measured in EXPERIMENTS.md, "The CPU tanh"). On a GPU it is torch.tanh. Replace it by nn.Tanh to drop the trick."""
 
     def forward(self, x):
         return _TanhViaSigmoid.apply(x) if x.device.type == "cpu" else torch.tanh(x)

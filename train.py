@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-# Idle torch CPU threads sleep, not spin (set before torch loads): spinning ones slowed the update 2x (EXPERIMENTS.md).
+# Idle torch threads sleep, not spin (before torch loads): spinning slowed updates 2x (EXPERIMENTS.md, "CPU threads")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
