@@ -12,9 +12,12 @@ Sections (each a ratio to a reference measured in the same run):
     adam      this Adam vs torch.optim.Adam (foreach, fused), one step on the default network
     train     iterations of train.py's loop, vs the floor physics + plain-torch update
     workers   CPU: `train.py --workers 2` on the same batch (N/2 envs each), vs the same floor
+    ops       torch operators dispatched per rollout step by policy.act, HoverEnv.step, storage.add and
+              EpisodeStats.add (Genesis's own excluded): on a GPU, each one that is not a view is a kernel launch
 Run it on an idle machine: a second busy process makes such figures meaningless.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -215,6 +218,51 @@ def bench_workers(num_envs, num_steps, iterations, workers=2):
     return {"workers": workers, "workers_iteration_s": t, "workers_steps_per_s": num_envs * num_steps / t}
 
 
+VIEWS = {"view", "_unsafe_view", "slice", "select", "expand", "unsqueeze", "squeeze", "t", "transpose", "as_strided",
+         "detach", "alias", "unbind", "split", "permute", "lift_fresh", "_reshape_alias", "reshape", "unflatten"}
+
+
+def bench_ops(env):
+    """Operators each stage dispatches in one rollout step (the 6th after a reset), counted below Python by a
+    TorchDispatchMode; those called from inside Genesis are left out (their frames are Genesis's)."""
+    import collections
+    import traceback
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not any("genesis" in f.filename or "quadrants" in f.filename for f in traceback.extract_stack(limit=40)):
+                self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    train, cfg, policy, _, storage, state = loop_state(env, 8)
+    obs, counts = state["obs"], {}
+    with torch.no_grad():
+        for step in range(6):
+            counting = step == 5
+            with Count() if counting else contextlib.nullcontext() as c:
+                act = policy.act(obs)
+            counts["policy.act"] = c
+            with Count() if counting else contextlib.nullcontext() as c:
+                next_obs, reward, done, info = env.step(act.actions)
+            counts["env.step"] = c
+            with Count() if counting else contextlib.nullcontext() as c:
+                storage.add(obs=obs, actions=act.actions, rewards=reward, dones=done, time_outs=info["time_outs"],
+                            final_obs=info["final_obs"], values=act.value, log_probs=act.log_prob, mean=act.mean,
+                            std=act.std)
+            counts["storage.add"] = c
+            with Count() if counting else contextlib.nullcontext() as c:
+                state["episodes"].add(done, info["episode"])
+            counts["EpisodeStats.add"] = c
+            obs = next_obs
+    return {name: {"ops": sum(c.ops.values()), "launching": sum(v for k, v in c.ops.items() if k not in VIEWS),
+                   "by_name": dict(c.ops.most_common())} for name, c in counts.items()}
+
+
 def peak_memory(device):
     """Host peak RSS; on CUDA, torch's peak allocation (network, Adam, storage, minibatches) and the device
     memory the whole process holds now (also Genesis's own buffers and the CUDA context, outside torch)."""
@@ -251,7 +299,7 @@ def main(argv=None):
         r = results["sizes"][n] = {}
         print(f"--- {n} envs x {args.num_steps} steps = {n * args.num_steps:,} samples per iteration")
         env = None
-        if {"physics", "env", "rollout", "train"} & set(args.sections):
+        if {"physics", "env", "rollout", "train", "ops"} & set(args.sections):
             env = HoverEnv(n, device=args.device, seed=0, check_actions=False)
         cpu_threads(cfg, "rollout")
         if {"physics", "env"} & set(args.sections):
@@ -278,6 +326,10 @@ def main(argv=None):
                 line += f"   floor (physics + plain-torch update) {r['floor_iteration_s']:.3f} s   " \
                         f"ratio {r['train_ratio_to_floor']:.2f}"
             print(line)
+        if "ops" in args.sections:
+            r["ops"] = bench_ops(env)
+            print("  operators per rollout step (not views: kernel launches on a GPU): " + ", ".join(
+                f"{name} {c['launching']}" for name, c in r["ops"].items()))
         if "workers" in args.sections and args.device == "cpu":
             env = None  # release this scene: the workers build their own
             r.update(bench_workers(n, args.num_steps, args.iterations))
@@ -296,7 +348,7 @@ def main(argv=None):
     return results
 
 
-SECTIONS = ("physics", "env", "rollout", "update", "adam", "train", "workers")
+SECTIONS = ("physics", "env", "rollout", "update", "adam", "train", "workers", "ops")
 
 if __name__ == "__main__":
     main()

@@ -1782,6 +1782,10 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path, capsys):
     assert set(results["adam"]) == {"this Adam (flat buffers)", "torch Adam foreach", "torch Adam fused",
                                     "torch Adam for-loop"}
     assert results["adam"]["torch Adam fused"]["ratio_to_fused"] == 1.0
+    ops = r["ops"]  # operators per rollout step, Genesis's own left out
+    assert ops["storage.add"]["by_name"] == {"select": 10, "copy_": 10}  # a view and a copy per field
+    assert set(ops) == {"policy.act", "env.step", "storage.add", "EpisodeStats.add"}
+    assert all(0 < c["launching"] <= c["ops"] == sum(c["by_name"].values()) for c in ops.values())
     assert f"ratio {r['update_ratio_to_floor']:.2f}" in printed and f"ratio {r['train_ratio_to_floor']:.2f}" in printed
     with open(out) as f:
         assert json.load(f)["sizes"]["8"] == json.loads(json.dumps(r))
