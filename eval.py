@@ -3,6 +3,7 @@
     python eval.py runs/<run>/ckpt_0250.pt                    256 envs x 30 s, the deterministic policy
     python eval.py CKPT --envs 1024 --seconds 60              the size of the figures in README.md
     python eval.py CKPT --noise                               flown with the training policy's action noise
+    python eval.py CKPT --perturbations [NAME ...]            the drone under motor lag, delay, noise, ... (env.py)
     python eval.py CKPT --video | --viewer                    an mp4 of env 0 | Genesis's viewer (a display)
 
 The checkpoint names its task (hover, go2) and the task's settings; the env is built with them. Prints the task's
@@ -37,9 +38,10 @@ def parse_args(argv=None):
                    help="envs flown at once (default 256)")
     p.add_argument("--seconds", type=float, default=30.0, help="simulated seconds of flight (default 30)")
     p.add_argument("--noise", action="store_true", help="sample actions as in training instead of the mean")
-    p.add_argument("--perturbations", action="store_true",
+    p.add_argument("--perturbations", nargs="*", metavar="NAME",
                    help="fly each of the task's perturbations (the drone's: motor lag, delay, mass, thrust, sensor "
-                        "noise, pushes), then all at once, each on the same targets; print one table")
+                        "noise, pushes, then all at once), or only the NAMEd ones, each on the same targets; print "
+                        "one table")
     p.add_argument("--video", action="store_true", help="save <ckpt>_flight.mp4 of env 0")
     p.add_argument("--viewer", action="store_true", help="open Genesis's interactive viewer")
     args = p.parse_args(argv)
@@ -76,8 +78,8 @@ def perturbation_table(policy, env, task, task_cfg, steps, args, seed):
     names = [f"{k}_per_{unit}_min" for k in env.rates]
     print(f"  {args.envs} {unit}s x {steps * env.dt:g} s, the {'training' if args.noise else 'deterministic'} policy:")
     print(f"  {'perturbation':<26s}" + "".join(f"{n:>24s}" for n in names) + f"{'count':>10s}")
-    for name, change in task.PERTURBATIONS.items():
-        env.cfg = dataclasses.replace(task_cfg, **change)
+    for name in args.perturbations or task.PERTURBATIONS:
+        env.cfg = dataclasses.replace(task_cfg, **task.PERTURBATIONS[name])
         env.generator.manual_seed(seed)  # the same targets under every perturbation
         torch.manual_seed(seed)
         flown = fly(policy, env, steps, args.noise)[1]
@@ -114,8 +116,11 @@ def main(argv=None):
         fail(e)
     import importlib
     task = importlib.import_module(TASKS[cfg.task])  # genesis starts only after the arguments were checked
-    if args.perturbations and not hasattr(task, "PERTURBATIONS"):
+    if args.perturbations is not None and not hasattr(task, "PERTURBATIONS"):
         fail(f"the {cfg.task} task names no perturbations (its module has no PERTURBATIONS)")
+    unknown = [name for name in args.perturbations or () if name not in task.PERTURBATIONS]
+    if unknown:
+        fail(f"no perturbation named {unknown[0]!r}; the {cfg.task} task's: {', '.join(task.PERTURBATIONS)}")
     env = task.Env(args.envs, device="cuda" if torch.cuda.is_available() else "cpu", seed=cfg.seed + 10_000,
                    cfg=task_cfg, show_viewer=args.viewer, record_camera=args.video)
     policy = build_policy(cfg, env.num_obs, env.num_actions)
@@ -125,7 +130,7 @@ def main(argv=None):
     if args.video:  # the camera renders itself as the scene steps, and streams frames to the file
         env.camera.start_recording(save_to_filename=stem + "_flight.mp4", fps=50)
     steps = round(args.seconds / env.dt)
-    if args.perturbations:
+    if args.perturbations is not None:
         return perturbation_table(policy, env, task, task_cfg, steps, args, cfg.seed + 10_000)
     torch.manual_seed(cfg.seed + 10_000)  # the action noise of --noise
     ended, flown, trace = fly(policy, env, steps, args.noise)

@@ -1352,7 +1352,8 @@ def test_train_rejects_missing_cuda_from_the_command_line():
            "finally:\n    print('genesis' in sys.modules)"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert r.returncode == 2
-    assert r.stderr.strip() == "train.py: error: --device cuda asked for, but torch sees no CUDA device: use --device cpu"
+    assert r.stderr.strip() == ("train.py: error: --device cuda asked for, but torch sees no CUDA device: "
+                                "use --device cpu")
     assert r.stdout.strip() == "False"
 
 
@@ -1639,6 +1640,16 @@ def test_eval_flies_every_perturbation_on_the_same_targets(smoke_run, capsys):
     assert len({r["crashes_per_drone_min"] for r in rows.values()}) > 1  # the perturbations change the flight
     printed = capsys.readouterr().out
     assert all(name in printed for name in rows)
+    chosen = evaluation.main([os.path.join(smoke_run, "ckpt_0002.pt"), "--drones", "8", "--seconds", "2",
+                              "--perturbations", "none", "realistic (all at once)"])["perturbations"]
+    assert chosen == {name: rows[name] for name in ("none", "realistic (all at once)")}
+
+
+def test_eval_rejects_an_unknown_perturbation_in_one_line(smoke_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluation.main([os.path.join(smoke_run, "ckpt_0002.pt"), "--perturbations", "wind"])
+    assert e.value.code == 2
+    assert "no perturbation named 'wind'; the hover task's: none, motor lag 0.03 s" in capsys.readouterr().err
 
 
 def test_eval_reports_the_walking_figures_of_a_go2_checkpoint(go2_run):
