@@ -17,7 +17,6 @@ Sections (each a ratio to a reference measured in the same run):
 Run it on an idle machine: a second busy process makes such figures meaningless.
 """
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -239,25 +238,27 @@ def bench_ops(env):
                 self.ops[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
-    train, cfg, policy, _, storage, state = loop_state(env, 8)
+    _, _, policy, _, storage, state = loop_state(env, 8)
     obs, counts = state["obs"], {}
+
+    def stage(name, run, counting):  # one stage of the step; on the counted step, its operators into counts
+        if not counting:
+            return run()
+        with Count() as c:
+            out = run()
+        counts[name] = c
+        return out
+
     with torch.no_grad():
         for step in range(6):
             counting = step == 5
-            with Count() if counting else contextlib.nullcontext() as c:
-                act = policy.act(obs)
-            counts["policy.act"] = c
-            with Count() if counting else contextlib.nullcontext() as c:
-                next_obs, reward, done, info = env.step(act.actions)
-            counts["env.step"] = c
-            with Count() if counting else contextlib.nullcontext() as c:
-                storage.add(obs=obs, actions=act.actions, rewards=reward, dones=done, time_outs=info["time_outs"],
-                            final_obs=info["final_obs"], values=act.value, log_probs=act.log_prob, mean=act.mean,
-                            std=act.std)
-            counts["storage.add"] = c
-            with Count() if counting else contextlib.nullcontext() as c:
-                state["episodes"].add(done, info["episode"])
-            counts["EpisodeStats.add"] = c
+            act = stage("policy.act", lambda: policy.act(obs), counting)
+            next_obs, reward, done, info = stage("env.step", lambda: env.step(act.actions), counting)
+            stage("storage.add", lambda: storage.add(
+                obs=obs, actions=act.actions, rewards=reward, dones=done, time_outs=info["time_outs"],
+                final_obs=info["final_obs"], values=act.value, log_probs=act.log_prob, mean=act.mean, std=act.std),
+                counting)
+            stage("EpisodeStats.add", lambda: state["episodes"].add(done, info["episode"]), counting)
             obs = next_obs
     return {name: {"ops": sum(c.ops.values()), "launching": sum(v for k, v in c.ops.items() if k not in VIEWS),
                    "by_name": dict(c.ops.most_common())} for name, c in counts.items()}
