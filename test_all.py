@@ -1067,13 +1067,53 @@ def test_perturbations_are_off_by_default_and_cost_nothing(env):
 
 def test_randomize_takes_the_ranges_left_off():
     cfg = HoverConfig(randomize=True, mass_scale=(1.0, 1.05))
-    assert cfg.motor_lag_s == (0.03, 0.15) and cfg.action_delay == (0, 2) and cfg.push_force == 0.05
+    ranges = env_module.RANDOMIZED
+    assert (cfg.motor_lag_s, cfg.action_delay, cfg.push_force) == (ranges["motor_lag_s"], ranges["action_delay"],
+                                                                    ranges["push_force"])
     assert cfg.mass_scale == (1.0, 1.05)  # set by hand: kept
     assert dataclasses.replace(cfg) == cfg  # a checkpoint's config rebuilds as it was
     for bad in (dict(motor_lag_s=(0.1, 0.05)), dict(mass_scale=(0.0, 1.0)), dict(obs_noise=(0.01,)),
                 dict(push_force=-1.0)):
         with pytest.raises(ValueError, match="must be a range|takes 4 sigmas"):
             HoverConfig(**bad)
+
+
+def test_policy_json_says_what_the_policy_was_trained_against():
+    assert env_module.describe(dataclasses.asdict(HoverConfig()))["trained_against"].startswith("none")
+    ranges = env_module.describe(dataclasses.asdict(HoverConfig(randomize=True)))["trained_against"]
+    assert ranges == {k: v for k, v in env_module.RANDOMIZED.items() if k in env_module.UNPERTURBED}
+
+
+def test_perturb_ramp_grows_the_ranges_from_the_nominal_drone(env):
+    """Under HoverConfig.perturb_ramp, the episodes of an iteration draw from every range shrunk toward the nominal
+    drone by the ramp's progress: nothing before FROM, half of each range halfway, the whole ranges from TO on."""
+    assert [env_module.ramp(i, (10, 20)) for i in (0, 10, 15, 20, 99)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert env_module.ramp(0, HoverConfig().perturb_ramp) == 1.0  # the default: whole from the start
+    assert HoverConfig(randomize=True).perturb_ramp == env_module.RANDOMIZED["perturb_ramp"]
+    with pytest.raises(ValueError, match="--perturb-ramp"):
+        HoverConfig(perturb_ramp=(20, 10))
+    wide = dict(env_module.RANDOMIZED, mass_scale=(0.5, 1.5), action_delay=(0, 2), perturb_ramp=(10, 20))
+    with perturbed_env(env, **wide):
+        try:
+            draws = {}
+            for iteration in (5, 15, 25):
+                env.set_iteration(iteration)
+                env.reset()
+                p = env.perturb
+                draws[iteration] = p.mass_scale, p.lag, p.delay, p.noise, p.push_sigma
+            mass, lag, delay, noise, push = draws[5]
+            assert (mass == 1).all() and (lag == 1).all() and (delay == 0).all()  # lag 1: the RPM follows at once
+            assert not noise.any() and not push.any()
+            mass, lag, delay, noise, push = draws[15]
+            assert 0.75 <= mass.min() and mass.max() <= 1.25 and delay.max() <= 1
+            half_tau = wide["motor_lag_s"][1] / 2
+            assert (lag >= -math.expm1(-DT / half_tau) - 1e-6).all()  # tau at most half of the range's top
+            assert torch.allclose(noise, draws[25][3] / 2) and torch.allclose(push, draws[25][4] / 2)
+            mass = draws[25][0]
+            assert 0.5 <= mass.min() and mass.max() <= 1.5 and (mass - 1).abs().max() > 0.25  # (N drones: some)
+        finally:
+            env.set_iteration(25)  # whole again
+    assert env.perturb is None and env._perturb_strength == 1.0
 
 
 def test_motor_lag_is_first_order(env):

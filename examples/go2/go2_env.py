@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from env import init_genesis, quat_rotate_inverse, setting
+from env import init_genesis, quat_rotate_inverse, setting, validate_actions
 
 JOINTS = ("FR_hip_joint", "FR_thigh_joint", "FR_calf_joint", "FL_hip_joint", "FL_thigh_joint", "FL_calf_joint",
           "RR_hip_joint", "RR_thigh_joint", "RR_calf_joint", "RL_hip_joint", "RL_thigh_joint", "RL_calf_joint")
@@ -171,16 +171,6 @@ class Go2Env:
         obs[:, 6:9] = self.commands * self._command_scale
         return obs
 
-    def _check(self, actions):
-        expected = (self.num_envs, self.num_actions)
-        if not (isinstance(actions, torch.Tensor) and actions.shape == expected and actions.dtype == torch.float32
-                and actions.device == self.device):
-            got = (f"{tuple(actions.shape)} {actions.dtype} on {actions.device}" if isinstance(actions, torch.Tensor)
-                   else type(actions).__name__)
-            raise ValueError(f"actions must be a float32 tensor of shape {expected} on {self.device}, got {got}")
-        if self.check_actions and not torch.isfinite(actions).all():  # the one host sync (see __init__)
-            raise ValueError("actions contain NaN or inf")
-
     def step(self, actions: torch.Tensor):
         """Advance all envs by dt; reset the finished ones. Returns obs [N, 45], reward [N], done [N] bool, info:
         time_outs [N] bool   truncated at max_episode_length (the trainer bootstraps these from final_obs)
@@ -188,7 +178,7 @@ class Go2Env:
         nonfinite [N] bool   the solver failed or the state went NaN/inf: ends the episode, not as a fall
         episode              [N] sums over the episode: return, length (steps), falls (0 or 1), reward_<term>.
                              Where done, the finished episode's; elsewhere, the running ones."""
-        self._check(actions)
+        validate_actions(self, actions)
         cfg = self.cfg
         a = actions.clamp(-cfg.clip_actions, cfg.clip_actions)  # [N, 12]
         applied = self.last_actions if cfg.action_latency else a
