@@ -249,6 +249,7 @@ class Perturbations:
         pos, vel, att_deg, ang = cfg.obs_noise  # the sigmas, as they show in the observation
         self.whole_noise = torch.tensor([pos] * 3 + [0.0] * 4 + [vel] * 3 + [ang] * 3 + [0.0] * 4,
                                         device=device) * obs_scale
+        self.whole_turn = math.radians(att_deg) / 2  # a small rotation by the angle r is the quaternion (1, r / 2)
         self.whole_push = torch.tensor([cfg.push_force * weight, cfg.push_torque], device=device)[:, None]  # [2, 1]
         self.set_strength(strength)
         self.rpm_scale = torch.ones(N, 1, device=device)  # sqrt(thrust_scale / mass_scale)
@@ -267,7 +268,7 @@ class Perturbations:
         1 for the ranges of cfg (HoverConfig.perturb_ramp's curriculum). It holds for the episodes that start after."""
         self.strength = strength
         self.noise = self.whole_noise * strength
-        self.turn = math.radians(self.cfg.obs_noise[2]) / 2 * strength  # a small rotation by r: quaternion (1, r / 2)
+        self.turn = self.whole_turn * strength
         self.push_sigma = self.whole_push * strength
 
     def _uniform(self, low_high, shape, nominal=None):  # nominal: what the range shrinks toward (None: it does not)
