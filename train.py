@@ -238,6 +238,7 @@ def train(cfg, task_cfg, resume=None):
             torch.cuda.set_rng_state(resume["rng"]["cuda"])
     episodes = EpisodeStats(env.rates, unit, env.dt)
     log = RunLog(run_dir, config, episodes, cfg.max_iterations, cfg.tensorboard, active=workers.main)
+    env.set_iteration(start + 1)  # the curriculum's settings before the first episodes draw theirs (resume: mid-way)
     obs = env.reset(random_episode_start=cfg.random_episode_start)
     samples = cfg.num_steps * cfg.num_envs * workers.world
     t_start, it = time.time(), start
