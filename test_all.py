@@ -1541,6 +1541,23 @@ def test_train_resume_restores_the_optimizer_exactly(smoke_run, monkeypatch):
     assert resumed["iteration"] == 3 and resumed_task == task
 
 
+def test_train_resume_draws_the_first_episodes_at_the_curriculums_iteration(smoke_run, tmp_path, monkeypatch):
+    """Resumed at iteration 3 of a perturbation curriculum grown over iterations 2-4, the first episodes draw from
+    half of each range (mass 0.75-1.25 of 0.5-1.5), as the episodes of a run that never stopped would."""
+    drawn, real_rollout = [], train.rollout
+
+    def rollout_spy(policy, env, *args):
+        if not drawn:
+            drawn.append(env.perturb.mass_scale.clone())
+        return real_rollout(policy, env, *args)
+
+    monkeypatch.setattr(train, "rollout", rollout_spy)
+    train.main(["--resume", os.path.join(smoke_run, "ckpt_0002.pt"), "--max-iterations", "3", "--mass-scale", "0.5",
+                "1.5", "--perturb-ramp", "2", "4", "--log-dir", str(tmp_path), "--run-name", "ramp"])
+    shift = (drawn[0] - 1).abs()
+    assert 0 < shift.max() <= 0.25 + 1e-6, drawn[0].flatten()
+
+
 def test_train_resume_rejects_another_network_shape(smoke_run, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", os.path.join(smoke_run, "ckpt_0002.pt"), "--hidden", "64", "64"])
