@@ -413,7 +413,8 @@ class HoverEnv:
         obs[:, :3] = (self.target_pos - self.base_pos).mul_(self.cfg.obs_rel_pos_scale).clamp_(-1.0, 1.0)
 
     def set_iteration(self, iteration: int):
-        """The task contract's curriculum hook, called by train.py before each training iteration (1, 2, ...)."""
+        """The task contract's curriculum hook, called by train.py before each training iteration (1, 2, ...) and
+        before the first reset (which draws the first episodes' perturbations)."""
         self.reward_crash = self.cfg.reward_crash * crash_scale(iteration, self.cfg)
         self._weights[-1] = self.cfg.dt * self.reward_crash  # (a host-to-device copy, no sync)
         self._perturb_strength = ramp(iteration, self.cfg.perturb_ramp)

@@ -151,7 +151,8 @@ class Go2Env:
         return torch.addcmul(self._command_low, self._command_span, u)
 
     def set_iteration(self, iteration: int):
-        """The task contract's curriculum hook (train.py calls it before each iteration): this task has none."""
+        """The task contract's curriculum hook (train.py calls it before each iteration and the first reset): this
+        task has none."""
 
     def reset(self, random_episode_start: bool = False) -> torch.Tensor:
         """Reset all envs; returns obs [N, 45]. random_episode_start: episode counters drawn in [0, 1000), so
