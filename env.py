@@ -48,6 +48,8 @@ class HoverConfig:
     obs_ang_vel_scale: float = setting(1 / 25.0, "observed angular velocity: times this, clipped (example: 1/pi)")
     # Reward weights, one per term of `step` (TERMS; each term is also multiplied by dt, as in the example).
     reward_target: float = setting(10.0, "progress toward the target: |p_prev - target|^2 - |p - target|^2 [m^2]")
+    progress_per_metre: bool = setting(False, "progress in metres instead: |p_prev - target| - |p - target| [m], "
+                                              "the same pay per m/s near the target as far from it")
     progress_speed_cap: float = setting(0.0, "[m/s] progress pays at most as for flying this fast at the target "
                                              "(0: no cap)")
     reward_smooth: float = setting(-1e-4, "change of action: |a - a_prev|^2")
@@ -70,7 +72,8 @@ class HoverConfig:
     push_force: float = setting(0.0, "a random external force: sigma per axis, a fraction of the drone's weight")
     push_torque: float = setting(0.0, "a random external torque: sigma per axis [N m]")
     push_interval_s: tuple = setting((1.0, 2.0), "each push lasts an interval drawn in this range [s]")
-    randomize: bool = setting(False, "train against all of them: every range left off above takes RANDOMIZED's")
+    randomize: bool = setting(False, "train against all of them: every setting of RANDOMIZED (the ranges, the "
+                                     "ramp, progress per metre) left at its default takes RANDOMIZED's")
     perturb_ramp: tuple = setting((0, 0), "a curriculum: in training, the ranges above grow from none (the nominal "
                                           "drone) to whole over the iterations FROM TO (eval.py flies them whole)")
     camera_pos: tuple = setting((3.5, 0.0, 2.5), "the viewer's and the video's camera [m]")
@@ -117,11 +120,12 @@ CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, norm
 # The gaps between this simulator and a real Crazyflie that eval.py --perturbations flies a policy through, one at a
 # time and all at once ("realistic"). The reference that flew a real Crazyflie from simulation (RLtools, "Learning
 # to Fly in Seconds") trained against a motor time constant of 0.15 s, observation noise and pushes of about 5 % of
-# the weight. RANDOMIZED: the ranges --randomize draws per drone per episode, grown from the nominal drone over
-# iterations 50-150. By measurement, the motors' ranges stop short of the worst conditions flown (a lag up to 0.08 s,
-# not 0.15; a delay up to 1 step, not 2), and grow: against them all whole from the first iteration, or grown to a
-# 0.15 s lag, a policy learned to fly slowly or not at all (EXPERIMENTS.md, "What the simulator leaves out: the drone
-# under perturbations").
+# the weight. RANDOMIZED: what --randomize trains with, the ranges it draws per drone per episode, grown from the
+# nominal drone over iterations 50-150, and progress paid per metre. By measurement, the motors' ranges stop short
+# of the worst conditions flown (a lag up to 0.08 s, not 0.15; a delay up to 1 step, not 2), and grow: against them
+# all whole from the first iteration, or grown to a 0.15 s lag, a policy learned to fly slowly or not at all; paid
+# per metre (20 per m: the squared distances' pay at 1 m), the drones stopped dawdling near the targets and the
+# realistic drone was flown faster (EXPERIMENTS.md, "What the simulator leaves out: the drone under perturbations").
 NOISE = (0.01, 0.05, 1.0, 0.1)  # sigmas: position [m], linear velocity [m/s], attitude [deg], angular velocity [rad/s]
 PUSH = dict(push_force=0.05, push_torque=5e-4)  # 5 % of the weight per axis; torque: that force at 4 cm, an arm's
 UNPERTURBED = dict(motor_lag_s=(0.0, 0.0), action_delay=(0, 0), mass_scale=(1.0, 1.0), thrust_scale=(1.0, 1.0),
@@ -142,7 +146,7 @@ PERTURBATIONS = {name: {**UNPERTURBED, **change} for name, change in {
                                     thrust_scale=(0.9, 0.9), obs_noise=NOISE, **PUSH),
 }.items()}
 RANDOMIZED = dict(motor_lag_s=(0.03, 0.08), action_delay=(0, 1), mass_scale=(0.9, 1.2), thrust_scale=(0.85, 1.15),
-                  obs_noise=NOISE, **PUSH, perturb_ramp=(50, 150))
+                  obs_noise=NOISE, **PUSH, perturb_ramp=(50, 150), progress_per_metre=True, reward_target=20.0)
 
 
 def init_genesis(device: torch.device):
@@ -196,13 +200,19 @@ def quat_yaw(q: torch.Tensor) -> torch.Tensor:
     return torch.atan2(torch.addcmul(w * z, x, y), 0.5 - torch.addcmul(y * y, z, z))
 
 
-def progress(prev_rel_pos: torch.Tensor, dist2: torch.Tensor, speed_cap: float, dt: float) -> torch.Tensor:
-    """The progress term [N]: |p_prev - target|^2 - |p - target|^2, from prev_rel_pos [N, 3] and dist2 [N].
+def progress(prev_rel_pos: torch.Tensor, dist2: torch.Tensor, speed_cap: float, dt: float,
+             per_metre: bool = False) -> torch.Tensor:
+    """The progress term [N]: |p_prev - target|^2 - |p - target|^2, from prev_rel_pos [N, 3] and dist2 [N], or
+    per_metre, |p_prev - target| - |p - target|.
 
-    Closing in at speed v pays about 2 |p_prev - target| v dt, so a cap on v caps the term. With a cap, flying at
-    the target faster than it earns nothing more, so racing at the edge of control does not pay (the CPU preset's
-    cap, and what it did to crashes: EXPERIMENTS.md, "Progress paid only up to 2.5 m/s toward the target")."""
+    Closing in at speed v pays about 2 |p_prev - target| v dt (per metre: v dt), so a cap on v caps the term. With
+    a cap, flying at the target faster than it earns nothing more, so racing at the edge of control does not pay
+    (the CPU preset's cap, and what it did to crashes: EXPERIMENTS.md, "Progress paid only up to 2.5 m/s toward the
+    target"). Squared distances pay little for the last centimetres before a target; metres pay them as the first."""
     prev_dist2 = prev_rel_pos.square().sum(1)
+    if per_metre:
+        closing = prev_dist2.sqrt() - dist2.sqrt()
+        return closing.clamp(max=speed_cap * dt) if speed_cap else closing
     if not speed_cap:
         return prev_dist2 - dist2
     return torch.minimum(prev_dist2 - dist2, prev_dist2.sqrt() * (2 * speed_cap * dt))
@@ -489,7 +499,7 @@ class HoverEnv:
         at_target = (dist2 < cfg.at_target_dist ** 2) & finite  # [N]
         crashes = crashed.float()
         terms = torch.stack((  # [N, terms]: this step's reward terms (TERMS), then each times its weight and dt
-            progress(prev_rel_pos, dist2, cfg.progress_speed_cap, cfg.dt),  # toward the target [m^2]
+            progress(prev_rel_pos, dist2, cfg.progress_speed_cap, cfg.dt, cfg.progress_per_metre),  # [m^2] or [m]
             (a - self.last_actions).square().sum(1),  # change of action
             torch.exp(cfg.yaw_lambda * quat_yaw(quat).abs()),  # heading held
             ang_vel_b.square().sum(1).sqrt(),  # spin [rad/s]

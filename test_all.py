@@ -817,6 +817,20 @@ def test_progress_speed_cap():
     assert torch.allclose(capped, torch.stack((torch.tensor(2 * 2.0 * 2.5 * DT), plain[1], plain[2])))
 
 
+def test_progress_per_metre():
+    """Per metre, the term is the drop in distance, the same for closing in at a speed 0.15 m or 2 m from the
+    target; a cap pays faster closing as if at the cap (v dt), slower or receding flight as before."""
+    prev = torch.tensor([[2.0, 0, 0], [0.15, 0, 0], [2.0, 0, 0], [2.0, 0, 0]])
+    now = torch.tensor([[1.995, 0, 0], [0.145, 0, 0], [1.9, 0, 0], [2.1, 0, 0]])  # 0.5 m/s toward, twice; 10 in, out
+    dist2 = now.square().sum(1)
+    metres = env_module.progress(prev, dist2, 0.0, DT, per_metre=True)
+    assert torch.allclose(metres, torch.tensor([0.005, 0.005, 0.1, -0.1]), atol=1e-6)
+    squared = env_module.progress(prev, dist2, 0.0, DT)
+    assert squared[0] > 10 * squared[1]  # squared distances pay the last centimetres little
+    capped = env_module.progress(prev, dist2, 2.5, DT, per_metre=True)
+    assert torch.allclose(capped, torch.tensor([0.005, 0.005, 2.5 * DT, -0.1]), atol=1e-6)
+
+
 def test_env_pays_capped_progress(env):
     """The task with a cap of 0.05 m/s (env.cfg replaced directly, then restored): a one-step episode at full
     throttle toward a target 1 m above closes in faster than that, and is paid as if at 0.05 m/s."""
@@ -832,6 +846,22 @@ def test_env_pays_capped_progress(env):
     capped = 10 * DT * 2 * prev_dist * 0.05 * DT
     assert (10 * DT * (prev_dist.square() - dist2) > 1.5 * capped).all()  # uncapped, it would be paid more
     assert torch.allclose(info["episode"]["reward_target"], capped, rtol=1e-4)
+
+
+def test_env_pays_progress_per_metre(env):
+    """The task paid per metre (env.cfg replaced directly, then restored): a one-step episode toward a target 1 m
+    above is paid reward_target * dt * the metres it closed in (the env's weight: the 10 it was built with)."""
+    env.reset()
+    env.target_pos[:] = torch.tensor([0.0, 0.0, 2.0])
+    prev_dist = torch.linalg.vector_norm(env.target_pos - env.base_pos, dim=1)
+    env.cfg = HoverConfig(progress_per_metre=True)
+    try:
+        _, info = last_step_of_episode(env, full(1.0))
+    finally:
+        env.cfg = CFG
+    dist = (info["final_obs"][:, :3] * 3).norm(dim=1)
+    assert (prev_dist > dist).all()
+    assert torch.allclose(info["episode"]["reward_target"], 10 * DT * (prev_dist - dist), rtol=1e-4)
 
 
 def test_crash_scale_grows_over_the_ramp_then_holds():
@@ -1071,6 +1101,8 @@ def test_randomize_takes_the_ranges_left_off():
     assert (cfg.motor_lag_s, cfg.action_delay, cfg.push_force) == (ranges["motor_lag_s"], ranges["action_delay"],
                                                                     ranges["push_force"])
     assert cfg.mass_scale == (1.0, 1.05)  # set by hand: kept
+    assert (cfg.progress_per_metre, cfg.reward_target) == (True, 20.0)  # and its reward, paid per metre
+    assert (HoverConfig().progress_per_metre, HoverConfig().reward_target) == (False, 10.0)  # the example's
     assert dataclasses.replace(cfg) == cfg  # a checkpoint's config rebuilds as it was
     for bad in (dict(motor_lag_s=(0.1, 0.05)), dict(mass_scale=(0.0, 1.0)), dict(obs_noise=(0.01,)),
                 dict(push_force=-1.0)):
