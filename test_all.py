@@ -831,37 +831,34 @@ def test_progress_per_metre():
     assert torch.allclose(capped, torch.tensor([0.005, 0.005, 2.5 * DT, -0.1]), atol=1e-6)
 
 
-def test_env_pays_capped_progress(env):
-    """The task with a cap of 0.05 m/s (env.cfg replaced directly, then restored): a one-step episode at full
-    throttle toward a target 1 m above closes in faster than that, and is paid as if at 0.05 m/s."""
+def climb_one_step(env, cfg):
+    """A one-step episode at full throttle toward a target 1 m above, flown under cfg (env.cfg replaced directly,
+    then restored; the reward weights stay the 10 per unit of progress the env was built with). Returns the
+    distance to the target before [N], after [N], and the progress reward paid [N]."""
     env.reset()
     env.target_pos[:] = torch.tensor([0.0, 0.0, 2.0])
     prev_dist = torch.linalg.vector_norm(env.target_pos - env.base_pos, dim=1)
-    env.cfg = HoverConfig(progress_speed_cap=0.05)
+    env.cfg = cfg
     try:
         _, info = last_step_of_episode(env, full(1.0))
     finally:
         env.cfg = CFG
-    dist2 = (info["final_obs"][:, :3] * 3).square().sum(1)
+    return prev_dist, (info["final_obs"][:, :3] * 3).norm(dim=1), info["episode"]["reward_target"]
+
+
+def test_env_pays_capped_progress(env):
+    """With a cap of 0.05 m/s, the climb closes in faster than that, and is paid as if at 0.05 m/s."""
+    prev_dist, dist, paid = climb_one_step(env, HoverConfig(progress_speed_cap=0.05))
     capped = 10 * DT * 2 * prev_dist * 0.05 * DT
-    assert (10 * DT * (prev_dist.square() - dist2) > 1.5 * capped).all()  # uncapped, it would be paid more
-    assert torch.allclose(info["episode"]["reward_target"], capped, rtol=1e-4)
+    assert (10 * DT * (prev_dist.square() - dist.square()) > 1.5 * capped).all()  # uncapped, it would be paid more
+    assert torch.allclose(paid, capped, rtol=1e-4)
 
 
 def test_env_pays_progress_per_metre(env):
-    """The task paid per metre (env.cfg replaced directly, then restored): a one-step episode toward a target 1 m
-    above is paid reward_target * dt * the metres it closed in (the env's weight: the 10 it was built with)."""
-    env.reset()
-    env.target_pos[:] = torch.tensor([0.0, 0.0, 2.0])
-    prev_dist = torch.linalg.vector_norm(env.target_pos - env.base_pos, dim=1)
-    env.cfg = HoverConfig(progress_per_metre=True)
-    try:
-        _, info = last_step_of_episode(env, full(1.0))
-    finally:
-        env.cfg = CFG
-    dist = (info["final_obs"][:, :3] * 3).norm(dim=1)
+    """Paid per metre, the climb earns reward_target * dt * the metres it closed in."""
+    prev_dist, dist, paid = climb_one_step(env, HoverConfig(progress_per_metre=True))
     assert (prev_dist > dist).all()
-    assert torch.allclose(info["episode"]["reward_target"], 10 * DT * (prev_dist - dist), rtol=1e-4)
+    assert torch.allclose(paid, 10 * DT * (prev_dist - dist), rtol=1e-4)
 
 
 def test_crash_scale_grows_over_the_ramp_then_holds():
