@@ -125,7 +125,8 @@ CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, norm
 # of the worst conditions flown (a lag up to 0.08 s, not 0.15; a delay up to 1 step, not 2), and grow: against them
 # all whole from the first iteration, or grown to a 0.15 s lag, a policy learned to fly slowly or not at all; paid
 # per metre (20 per m: the squared distances' pay at 1 m), the drones stopped dawdling near the targets and the
-# realistic drone was flown faster (EXPERIMENTS.md, "What the simulator leaves out: the drone under perturbations").
+# realistic drone was flown faster; the lag drawn from 0.015 s, not 0.03, the nominal drone was flown faster, and
+# from 0 the realistic one crashed (EXPERIMENTS.md, "What the simulator leaves out: the drone under perturbations").
 NOISE = (0.01, 0.05, 1.0, 0.1)  # sigmas: position [m], linear velocity [m/s], attitude [deg], angular velocity [rad/s]
 PUSH = dict(push_force=0.05, push_torque=5e-4)  # 5 % of the weight per axis; torque: that force at 4 cm, an arm's
 UNPERTURBED = dict(motor_lag_s=(0.0, 0.0), action_delay=(0, 0), mass_scale=(1.0, 1.0), thrust_scale=(1.0, 1.0),
@@ -145,7 +146,7 @@ PERTURBATIONS = {name: {**UNPERTURBED, **change} for name, change in {
     "realistic (all at once)": dict(motor_lag_s=(0.05, 0.05), action_delay=(1, 1), mass_scale=(1.1, 1.1),
                                     thrust_scale=(0.9, 0.9), obs_noise=NOISE, **PUSH),
 }.items()}
-RANDOMIZED = dict(motor_lag_s=(0.03, 0.08), action_delay=(0, 1), mass_scale=(0.9, 1.2), thrust_scale=(0.85, 1.15),
+RANDOMIZED = dict(motor_lag_s=(0.015, 0.08), action_delay=(0, 1), mass_scale=(0.9, 1.2), thrust_scale=(0.85, 1.15),
                   obs_noise=NOISE, **PUSH, perturb_ramp=(50, 150), progress_per_metre=True, reward_target=20.0)
 
 
