@@ -1107,6 +1107,22 @@ def test_randomize_takes_the_ranges_left_off():
             HoverConfig(**bad)
 
 
+def test_nominal_share_of_episodes_flies_the_nominal_drone():
+    """--nominal-share: that share of the drones starting an episode draw no lag, delay, mass or thrust error (the
+    noise and pushes reach them too); the others draw from the ranges, as without it, and only they."""
+    cfg, n = HoverConfig(randomize=True), 20000
+    assert 0 < cfg.nominal_share == env_module.RANDOMIZED["nominal_share"] and HoverConfig().nominal_share == 0
+    with pytest.raises(ValueError, match="--nominal-share"):
+        HoverConfig(nominal_share=1.0)
+    p = env_module.Perturbations(cfg, n, "cpu", torch.Generator().manual_seed(0), 0.3, torch.ones(17))
+    p.reset(torch.ones(n, dtype=torch.bool))
+    nominal = ((p.lag == 1) & (p.mass_scale == 1) & (p.rpm_scale == 1))[:, 0] & (p.delay == 0)
+    assert abs(nominal.float().mean().item() - cfg.nominal_share) < 0.015  # (sigma of the share: 0.003)
+    tau = -DT / torch.log1p(-p.lag[~nominal])  # every other drone's lag within the range
+    assert cfg.motor_lag_s[0] - 1e-6 <= tau.min() and tau.max() <= cfg.motor_lag_s[1] + 1e-6
+    assert p.noise.any() and p.push_sigma.all()
+
+
 def test_policy_json_says_what_the_policy_was_trained_against():
     assert env_module.describe(dataclasses.asdict(HoverConfig()))["trained_against"].startswith("none")
     ranges = env_module.describe(dataclasses.asdict(HoverConfig(randomize=True)))["trained_against"]
