@@ -1,4 +1,5 @@
-"""Benchmark every stage against its own limit, in one run, on one machine. Prints a table, writes JSON.
+"""Benchmark each stage of the drone task against its own limit, in one run, on one machine. Prints a table,
+writes JSON.
 
     python bench.py                        all sections, CPU: N = 1024 and 8192
     python bench.py --sections adam update --num-envs 8192
@@ -37,7 +38,7 @@ from ppo import PPOConfig, ppo_loss, update  # noqa: E402
 from storage import RolloutStorage  # noqa: E402
 from workers import Workers, cpu_threads  # noqa: E402
 
-OBS, ACT = HoverEnv.num_obs, HoverEnv.num_actions  # the drone task's sizes: the seed's network
+OBS, ACT = HoverEnv.num_obs, HoverEnv.num_actions  # the drone task's sizes: the network of the design (README)
 
 
 def sync(device):

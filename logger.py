@@ -114,7 +114,8 @@ class RunLog:
 
 
 def learner_summary(policy, optimizer, storage, unit):
-    """The seed's figures, read from the real tensors: one network's weights, the learner's memory, the rollout's."""
+    """What the design promises, read from the real tensors: one network's weights, the learner's memory, the
+    rollout's."""
     n = {part: sum(p.numel() for p in getattr(policy, part).parameters()) for part in ("actor", "critic")}
     memory = dict(optimizer.nbytes(), total=sum(optimizer.nbytes().values()))
     return (f"one network for every {unit}: actor {n['actor']:,} + critic {n['critic']:,} = {sum(n.values()):,} "

@@ -10,8 +10,6 @@ forward pass answers all of them. Training updates this one set of weights, in p
     std     a learnable vector [act] (not its log, as in rsl_rl): a ~ N(mean, std^2), dims independent;
             used clamped to at least min_std (0: no floor)
 
-The seed's network (obs 17, actions 4, 128-128 tanh): 19,332 actor + 18,945 critic = 38,277 weights (153 KB in
-float32) + 4 std.
 An optional running normalizer of the observations sits in front; its statistics are saved with the weights.
 The actor's last layer starts 100x smaller than PyTorch's default and without bias, so the untrained policy
 commands about the same action (0, which a task makes its neutral one) for every observation instead of a fixed
@@ -49,10 +47,10 @@ class ActorCritic(nn.Module):
         self.actor = mlp([num_obs, *hidden, num_actions], activation)
         self.critic = mlp([num_obs, *hidden, 1], activation)
         self.std = nn.Parameter(init_std * torch.ones(num_actions))
-        # A floor keeps small batches exploring (EXPERIMENTS.md, "Holding the action std at 0.3").
+        # A floor keeps a small batch exploring (EXPERIMENTS.md, "The action noise held at 0.3").
         self.min_std = min_std
-        # The untrained actor commands about 0 whatever it sees (EXPERIMENTS.md, "Angular velocity seen up to 25 rad/s,
-        # and an actor that starts at hover").
+        # The untrained actor commands about 0 whatever it sees (EXPERIMENTS.md, "The observation and the actor's
+        # start").
         with torch.no_grad():
             self.actor[-1].weight.mul_(0.01)
             self.actor[-1].bias.zero_()

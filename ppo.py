@@ -17,26 +17,33 @@ from typing import NamedTuple
 import torch
 
 
-def _setting(default, help):
-    return field(default=default, metadata={"help": help})
+def setting(default, help, **rule):
+    """A setting: its default, the help of its flag, the rule its value keeps (train.py's config.py checks it)."""
+    return field(default=default, metadata={"help": help, **rule})
 
 
 @dataclass
 class PPOConfig:
-    clip: float = _setting(0.2, "epsilon of the clipped surrogate: the ratio is kept within [1 - clip, 1 + clip]")
-    clip_value_loss: bool = _setting(True, "also keep the value prediction within clip of the rollout's value")
-    value_coef: float = _setting(1.0, "weight of the value loss")
-    entropy_coef: float = _setting(0.01, "weight of the entropy bonus (keeps the policy exploring)")
-    num_epochs: int = _setting(5, "passes over the rollout per update")
-    num_minibatches: int = _setting(4, "minibatches per pass; each holds 1/num_minibatches of the rollout")
-    learning_rate: float = _setting(1e-3, "initial learning rate; then adapted to the KL when adaptive_lr")
-    adaptive_lr: bool = _setting(True, "rsl_rl's schedule: lr / 1.5 when KL > 2 desired_kl, lr * 1.5 when < half")
-    desired_kl: float = _setting(0.01, "target KL(rollout policy || current policy) per minibatch")
-    lr_min: float = _setting(1e-5, "lower bound of the adaptive learning rate (rsl_rl's)")
-    lr_max: float = _setting(1e-2, "upper bound of the adaptive learning rate (rsl_rl's)")
-    max_grad_norm: float = _setting(1.0, "the gradient's global L2 norm is clipped to this")
-    gamma: float = _setting(0.99, "discount per step: at 100 steps per second, a reward 1 s ahead counts 0.37")
-    lam: float = _setting(0.95, "GAE lambda: the bias/variance trade-off of the advantage")
+    clip: float = setting(0.2, "epsilon of the clipped surrogate: the ratio is kept within [1 - clip, 1 + clip]",
+                          above=0, below=1)
+    clip_value_loss: bool = setting(True, "also keep the value prediction within clip of the rollout's value")
+    value_coef: float = setting(1.0, "weight of the value loss", low=0)
+    entropy_coef: float = setting(0.01, "weight of the entropy bonus (keeps the policy exploring)", low=0)
+    num_epochs: int = setting(5, "passes over the rollout per update", low=1)
+    num_minibatches: int = setting(4, "minibatches per pass; each holds 1/num_minibatches of the rollout", low=1)
+    learning_rate: float = setting(1e-3, "initial learning rate; then adapted to the KL when adaptive_lr", above=0)
+    adaptive_lr: bool = setting(True, "rsl_rl's schedule: lr / 1.5 when KL > 2 desired_kl, lr * 1.5 when < half")
+    desired_kl: float = setting(0.01, "target KL(rollout policy || current policy) per minibatch", above=0)
+    lr_min: float = setting(1e-5, "lower bound of the adaptive learning rate (rsl_rl's)", above=0)
+    lr_max: float = setting(1e-2, "upper bound of the adaptive learning rate (rsl_rl's)", above=0)
+    max_grad_norm: float = setting(1.0, "the gradient's global L2 norm is clipped to this", above=0)
+    gamma: float = setting(0.99, "discount per step: a reward k steps ahead counts gamma^k (0.99: 0.37 at 100 steps)",
+                           low=0, high=1)
+    lam: float = setting(0.95, "GAE lambda: the bias/variance trade-off of the advantage", low=0, high=1)
+
+    def conflicts(self):
+        if self.lr_min > self.lr_max:
+            yield f"--lr-min must be <= --lr-max, got {self.lr_min} and {self.lr_max}"
 
 
 class Loss(NamedTuple):  # each a 0-dim tensor
@@ -48,7 +55,7 @@ class Loss(NamedTuple):  # each a 0-dim tensor
 
 
 def ppo_loss(log_prob, old_log_prob, advantages, value, old_value, returns, entropy,
-             clip=0.2, value_coef=1.0, entropy_coef=0.004, clip_value_loss=True):
+             clip, value_coef, entropy_coef, clip_value_loss=True):
     """All inputs [B]. Returns the Loss terms, means over the batch:
 
         ratio     r = pi(a|s) / pi_old(a|s)

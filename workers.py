@@ -11,6 +11,7 @@ threads a process uses, and stopping on a signal.
 """
 import datetime
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,13 @@ class Workers:
         if self.world > 1:
             dist.broadcast(t, 0)
 
+    def gather(self, obj):  # [each worker's obj], on every worker (any picklable object)
+        if self.world == 1:
+            return [obj]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def close(self):
         if self.world > 1:
             dist.destroy_process_group()
@@ -57,10 +65,12 @@ def resolve_device(name):
     """auto (CUDA if torch sees it, else CPU), cpu, cuda or cuda:K; a ValueError says what to change."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not name.startswith("cuda"):
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", name):
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:K")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name} asked for, but torch sees no CUDA device: use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 

@@ -9,14 +9,20 @@
 
 The task is Genesis's examples/locomotion/go2_env.py, trained there with rsl_rl (go2_train.py): the same scene,
 PD gains, action map, command, observations, rewards and terminations; the deliberate differences are noted where
-they occur. Train it with `python train.py --task go2`; this file and env.py are the two examples of the task
-contract (README.md, "Your own robot"). Genesis is imported when the first env is built (env.init_genesis).
+they occur. Train it with `python train.py --task go2`. The file stands alone, as Genesis's examples do: it imports
+torch, and genesis when the first env is built; the few helpers it shares with the drone's env.py (setting,
+init_genesis, validate_actions, quat_rotate_inverse) are written here again, so that it can be copied by itself.
 """
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
-from env import init_genesis, quat_rotate_inverse, setting, validate_actions
+
+def setting(default, help, **rule):
+    """A task setting: its default, the help of its flag, and the rule a value must keep (config.py checks it)."""
+    return field(default=default, metadata={"help": help, **rule})
+
 
 JOINTS = ("FR_hip_joint", "FR_thigh_joint", "FR_calf_joint", "FL_hip_joint", "FL_thigh_joint", "FL_calf_joint",
           "RR_hip_joint", "RR_thigh_joint", "RR_calf_joint", "RL_hip_joint", "RL_thigh_joint", "RL_calf_joint")
@@ -27,30 +33,36 @@ class Go2Config:
     """Every constant of the task; the defaults are those of Genesis's Go2 example. Each field is a flag of train.py
     (with --task go2)."""
 
-    dt: float = setting(0.02, "control step [s] (50 Hz, the real robot's), split into substeps physics substeps")
-    substeps: int = setting(2, "physics substeps per step")
-    episode_length_s: float = setting(20.0, "time-out after this long [s]: 1000 steps")
-    joint_names: tuple = setting(JOINTS, "the order of the actions and of the joint observations")
+    dt: float = setting(0.02, "control step [s] (50 Hz, the real robot's), split into substeps physics substeps",
+                        above=0)
+    substeps: int = setting(2, "physics substeps per step", low=1)
+    episode_length_s: float = setting(20.0, "time-out after this long [s]: 1000 steps", above=0)
+    joint_names: tuple = setting(JOINTS, "the order of the actions and of the joint observations",
+                                 choices=JOINTS)
     default_joint_angles: tuple = setting((0.0, 0.8, -1.5, 0.0, 0.8, -1.5, 0.0, 1.0, -1.5, 0.0, 1.0, -1.5),
                                           "the standing pose [rad], in joint_names order")
-    kp: float = setting(20.0, "PD gain of every joint [N m / rad]")
-    kd: float = setting(0.5, "PD damping of every joint [N m s / rad]")
-    action_scale: float = setting(0.25, "target angle = default angle + action_scale * action [rad]")
-    clip_actions: float = setting(100.0, "actions are clipped to [-clip_actions, clip_actions]")
+    kp: float = setting(20.0, "PD gain of every joint [N m / rad]", above=0)
+    kd: float = setting(0.5, "PD damping of every joint [N m s / rad]", low=0)
+    action_scale: float = setting(0.25, "target angle = default angle + action_scale * action [rad]",
+                                   above=0)
+    clip_actions: float = setting(100.0, "actions are clipped to [-clip_actions, clip_actions]", above=0)
     action_latency: bool = setting(True, "the joints get the previous step's action (the real robot's latency)")
     init_pos: tuple = setting((0.0, 0.0, 0.42), "every episode starts here [m], in the default pose, at rest")
     init_quat: tuple = setting((1.0, 0.0, 0.0, 0.0), "level: roll and pitch are read from gravity in the body "
                                                     "frame")
-    fall_angle_deg: float = setting(10.0, "a fall: |roll| or |pitch| above this ends the episode [deg]")
+    fall_angle_deg: float = setting(10.0, "a fall: |roll| or |pitch| above this ends the episode [deg]",
+                                     above=0, high=180)
     command_low: tuple = setting((0.5, 0.0, 0.0), "velocity command (forward, lateral [m/s], yaw [rad/s]), "
                                                   "uniform in [low, high] per component")
     command_high: tuple = setting((0.5, 0.0, 0.0), "(the example's: 0.5 m/s forward)")
-    command_resample_s: float = setting(4.0, "a new command this often [s] (and at every reset)")
-    obs_lin_vel_scale: float = setting(2.0, "observed command velocities: times this")
-    obs_ang_vel_scale: float = setting(0.25, "observed angular velocity and yaw command: times this")
-    obs_dof_vel_scale: float = setting(0.05, "observed joint velocities: times this")
-    tracking_sigma: float = setting(0.25, "tracking rewards: exp(-error^2 / sigma)")
-    base_height_target: float = setting(0.3, "the base height rewarded [m]")
+    command_resample_s: float = setting(4.0, "a new command this often [s] (and at every reset)",
+                                         above=0)
+    obs_lin_vel_scale: float = setting(2.0, "observed command velocities: times this", above=0)
+    obs_ang_vel_scale: float = setting(0.25, "observed angular velocity and yaw command: times this",
+                                       above=0)
+    obs_dof_vel_scale: float = setting(0.05, "observed joint velocities: times this", above=0)
+    tracking_sigma: float = setting(0.25, "tracking rewards: exp(-error^2 / sigma)", above=0)
+    base_height_target: float = setting(0.3, "the base height rewarded [m]", above=0)
     # Reward weights, one per term of `step` (each term is also multiplied by dt, as in the example).
     reward_tracking_lin_vel: float = setting(1.0, "forward and lateral velocity on command")
     reward_tracking_ang_vel: float = setting(0.2, "yaw rate on command")
@@ -60,12 +72,19 @@ class Go2Config:
     reward_similar_to_default: float = setting(-0.1, "sum |joint angle - default angle|")
     camera_pos: tuple = setting((2.0, 0.0, 2.5), "the viewer's and the video's camera [m]")
     camera_lookat: tuple = setting((0.0, 0.0, 0.5), "where it looks [m]")
-    camera_fov: float = setting(40.0, "its field of view [deg]")
+    camera_fov: float = setting(40.0, "its field of view [deg]", above=0, below=180)
 
-    def __post_init__(self):
-        if len(self.joint_names) != len(self.default_joint_angles):
-            raise ValueError(f"--default-joint-angles needs one angle per joint ({len(self.joint_names)}), got "
-                             f"{len(self.default_joint_angles)}")
+    def conflicts(self):
+        """What is wrong between settings, one line each (config.py checks each field's own rule first)."""
+        if len(set(self.joint_names)) != len(self.joint_names):
+            yield f"--joint-names must name each joint once, got {' '.join(self.joint_names)}"
+        if self.episode_length_s < self.dt or self.command_resample_s < self.dt:
+            yield (f"--episode-length-s and --command-resample-s must be at least one step (--dt {self.dt}), got "
+                   f"{self.episode_length_s} and {self.command_resample_s}")
+        if any(lo > hi for lo, hi in zip(self.command_low, self.command_high)):
+            yield f"--command-low must be <= --command-high, got {self.command_low} and {self.command_high}"
+        if not any(self.init_quat):
+            yield "--init-quat must be a rotation (not all zeros)"
 
 
 # train.py's settings for this task. TRAIN: the Genesis example's (go2_train.py: rsl_rl, 4096 robots x 24 steps,
@@ -92,8 +111,9 @@ class Go2Env:
     unit = "robot"  # train.py and eval.py report the `rates` per robot-minute
     rates = ("falls",)
 
-    def __init__(self, num_envs: int, device: str = "cpu", seed: int = 0, cfg: Go2Config = Go2Config(),
+    def __init__(self, num_envs: int, device: str = "cpu", seed: int = 0, cfg: Go2Config = None,
                  show_viewer: bool = False, record_camera: bool = False, check_actions: bool = True):
+        cfg = cfg or Go2Config()
         gs = init_genesis(torch.device(device))
         self.num_envs, self.cfg, self.dt, self.device = num_envs, cfg, cfg.dt, gs.device
         self.max_episode_length = round(cfg.episode_length_s / cfg.dt)  # 1000 (the example's `>` steps 1001)
@@ -249,67 +269,73 @@ class Go2Env:
         info = {"time_outs": time_outs, "final_obs": final_obs, "episode": episode, "nonfinite": nonfinite}
         return obs, reward, done, info
 
-    # ------------------------------------------------------------------------------------------------- eval.py
     def measure(self) -> dict:
-        """What eval.py records after every step, [N] each: the walking figures and the picture's curves."""
-        return {"forward_velocity": self.lin_vel_b[:, 0], "lateral_velocity": self.lin_vel_b[:, 1],
-                "command": self.commands[:, 0].clone(), "base_height": self.base_pos[:, 2]}
+        """What eval.py records after every step and plots, [N] each: the walking figures."""
+        return {"forward_velocity": self.lin_vel_b[:, 0], "forward_velocity_error": self.lin_vel_b[:, 0] -
+                self.commands[:, 0], "lateral_velocity": self.lin_vel_b[:, 1], "base_height": self.base_pos[:, 2]}
 
 
-def flight_figures(trace: dict) -> dict:
-    """eval.py's figures of a flight: trace holds measure()'s values, [steps, N] numpy arrays."""
-    error = trace["forward_velocity"] - trace["command"]
-    return {"mean_forward_velocity": float(trace["forward_velocity"].mean()),
-            "mean_forward_velocity_error": float(error.mean()),
-            "mean_lateral_velocity": float(trace["lateral_velocity"].mean()),
-            "mean_base_height": float(trace["base_height"].mean())}
+# The task contract's names, for train.py, eval.py and export.py.
+Config, Env = Go2Config, Go2Env
 
 
-def plot_flight(trace: dict, dt: float, path: str, seconds: float = 10.0):
-    """The picture of a flight: forward velocity against the command, and base height, over time."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    steps = min(len(trace["command"]), round(seconds / dt))
-    t = np.arange(steps) * dt
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    n = trace["command"].shape[1]
-    top.plot(t, trace["forward_velocity"][:steps, 0], label="robot 0")
-    top.plot(t, trace["forward_velocity"][:steps].mean(1), color="gray", lw=1, label=f"mean of {n} robots")
-    top.plot(t, trace["command"][:steps, 0], "k--", lw=1, label="command")
-    top.set(ylabel="forward velocity (m/s)", title="walking on command (body frame)")
-    top.legend(fontsize=8, loc="lower right")
-    bottom.plot(t, trace["base_height"][:steps, 0], label="robot 0")
-    bottom.plot(t, trace["base_height"][:steps].mean(1), color="gray", lw=1, label=f"mean of {n} robots")
-    bottom.axhline(0.3, color="k", ls=":", lw=1, label="0.3 m: the height rewarded")
-    bottom.set(xlabel="time (s)", ylabel="base height (m)")
-    bottom.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def describe(cfg: dict) -> dict:
+def describe(cfg: Go2Config) -> dict:
     """export.py's policy.json: the observation layout and action map a deployment needs, from the task's settings."""
-    joints = cfg["joint_names"]
-    groups = [("angular_velocity", "xyz", "body, rad/s", cfg["obs_ang_vel_scale"]),
+    joints = cfg.joint_names
+    groups = [("angular_velocity", "xyz", "body, rad/s", cfg.obs_ang_vel_scale),
               ("gravity_direction", "xyz", "body, unit vector", 1.0),
               ("command", ("forward_m_s", "lateral_m_s", "yaw_rad_s"), "body",
-               (cfg["obs_lin_vel_scale"],) * 2 + (cfg["obs_ang_vel_scale"],)),
+               (cfg.obs_lin_vel_scale,) * 2 + (cfg.obs_ang_vel_scale,)),
               ("joint_angle_minus_default", joints, "rad", 1.0),
-              ("joint_velocity", joints, "rad/s", cfg["obs_dof_vel_scale"]),
+              ("joint_velocity", joints, "rad/s", cfg.obs_dof_vel_scale),
               ("previous_action", joints, "", 1.0)]
     observation = []
     for name, parts, unit, scale in groups:
         scales = scale if isinstance(scale, tuple) else (scale,) * len(parts)
         observation += [{"index": len(observation) + i, "name": f"{name}_{p}", "unit": unit, "scale": s}
                         for i, (p, s) in enumerate(zip(parts, scales))]
-    return {"control_rate_hz": round(1 / cfg["dt"]), "observation": observation,
+    return {"control_rate_hz": round(1 / cfg.dt), "observation": observation,
             "action": {"size": len(joints), "joints": list(joints),
                        "target_angle": "default_angle[i] + action_scale * action[i] (radians), held by a PD "
-                                       "controller" + (", applied one step late" if cfg["action_latency"] else ""),
-                       "default_angle": list(cfg["default_joint_angles"]), "action_scale": cfg["action_scale"],
-                       "range": [-cfg["clip_actions"], cfg["clip_actions"]], "kp": cfg["kp"], "kd": cfg["kd"]}}
+                                       "controller" + (", applied one step late" if cfg.action_latency else ""),
+                       "default_angle": list(cfg.default_joint_angles), "action_scale": cfg.action_scale,
+                       "range": [-cfg.clip_actions, cfg.clip_actions], "kp": cfg.kp, "kd": cfg.kd}}
 
 
-# The task contract's names, for train.py, eval.py and export.py.
-Config, Env = Go2Config, Go2Env
+# ----------------------------------------------------------------- the Genesis helpers, as env.py has them too
+def init_genesis(device: torch.device):
+    """Genesis runs one backend per process: start it on `device`, or check that it already runs there.
+    GS_PERFORMANCE_MODE=0 turns its performance mode off: kernels for any number of envs (env.py says more)."""
+    import genesis as gs
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:K]', got '{device}'")
+    if not gs._initialized:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device.index)  # Genesis runs on the current CUDA device
+        # No `seed=`: gs.init would reseed the global torch/numpy/random RNGs under the trainer's feet.
+        gs.init(backend=gs.cpu if device.type == "cpu" else gs.gpu, precision="32", logging_level="error",
+                performance_mode=os.environ.get("GS_PERFORMANCE_MODE", "1") != "0")
+    if device.type != gs.device.type or device.index not in (None, gs.device.index):
+        raise RuntimeError(f"Genesis is already initialised on '{gs.device}' in this process; "
+                           f"cannot create an env on '{device}' (one backend per process)")
+    return gs
+
+
+def validate_actions(env, actions):
+    """actions must be a float32 [num_envs, num_actions] tensor on the env's device, and, if env.check_actions,
+    finite (a host sync: train.py turns it off)."""
+    expected = (env.num_envs, env.num_actions)
+    if not (isinstance(actions, torch.Tensor) and actions.shape == expected and actions.dtype == torch.float32
+            and actions.device == env.device):
+        got = (f"{tuple(actions.shape)} {actions.dtype} on {actions.device}" if isinstance(actions, torch.Tensor)
+               else type(actions).__name__)
+        raise ValueError(f"actions must be a float32 tensor of shape {expected} on {env.device}, got {got}")
+    if env.check_actions and not torch.isfinite(actions).all():
+        raise ValueError("actions contain NaN or inf")
+
+
+def quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """World vectors v [N, 3] into the body frame of unit quaternions q [N, 4] (w, x, y, z): R(q)^T v."""
+    w, u = q[:, :1], q[:, 1:]  # [N, 1], [N, 3]
+    t = torch.linalg.cross(u, v).mul_(2.0)  # rotating by the conjugate (w, -u): v - w t + u x t
+    return v - w * t + torch.linalg.cross(u, t)
