@@ -68,10 +68,11 @@ def rule_broken(f, value):
             return f"must be a finite number, got {x}"
         if "choices" in rule and x not in rule["choices"]:
             return f"must be one of {', '.join(map(str, rule['choices']))}, got {x}"
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else x
         for key, holds, words in (("above", lambda a, b: a > b, ">"), ("low", lambda a, b: a >= b, ">="),
                                   ("below", lambda a, b: a < b, "<"), ("high", lambda a, b: a <= b, "<=")):
             if key in rule and not holds(x, rule[key]):
-                return f"must be {words} {rule[key]}, got {' '.join(map(str, value)) if isinstance(value, tuple) else x}"
+                return f"must be {words} {rule[key]}, got {shown}"
     return None
 
 
@@ -149,7 +150,8 @@ def task_module(name):
         raise BadInput(f"no task {name!r} ({e}): use {', '.join(TASKS)} or a module path such as examples.go2.go2_env")
     missing = [n for n in ("Config", "Env", "TRAIN", "CPU_PRESET") if not hasattr(module, n)]
     if missing:
-        raise BadInput(f"the module {module.__name__} is no task: it lacks {', '.join(missing)} (README, 'Your own robot')")
+        raise BadInput(f"the module {module.__name__} is no task: it lacks {', '.join(missing)} (README, 'Your own "
+                       f"robot')")
     return module
 
 

@@ -6,12 +6,10 @@
     obs = clip((target - pos) / 3) (3) | quaternion w,x,y,z (4) | clip(body linear velocity / 3) (3)
           | clip(body angular velocity / 25 rad/s) (3) | actions applied this step (4)
 
-The task is Genesis's examples/drone/hover_env.py: the same scene, action map, rewards and terminations; the
-deliberate differences are noted where they occur (README.md, "Differences from Genesis's examples"). Finished
-drones are reset inside `step` through boolean masks, so `step` never reads a tensor back to the host. This file
-imports torch, and genesis when the first env is built, so that train.py checks the settings before Genesis starts.
-A variant overrides the small hooks of HoverEnv (`_motor_rpm`, `_push`, `_sense`, `_start_episodes`):
-examples/crazyflie/ flies the drone a real Crazyflie is, with motor lag, delays, noise and pushes.
+Genesis's examples/drone/hover_env.py, with its scene, action map, rewards and terminations; the differences are
+noted where they occur. `step` resets finished drones through boolean masks: it never reads a tensor back to the
+host. genesis is imported when the first env is built, so that train.py checks settings before it starts. A
+variant overrides HoverEnv's hooks (_motor_rpm, _push, _sense, _start_episodes): examples/crazyflie/ does.
 """
 import os
 from dataclasses import dataclass, field
@@ -26,50 +24,41 @@ def setting(default, help, **rule):
 
 @dataclass
 class HoverConfig:
-    """Every constant of the task; the defaults are Genesis's hover example's but for the angular velocity's scale.
-    Each field is a flag of train.py (--reward-crash, ...)."""
+    """The task's constants, each a flag of train.py; Genesis's hover example's but the angular velocity's scale."""
 
     dt: float = setting(0.01, "control and physics step [s] (100 Hz), split into substeps solver substeps", above=0)
     substeps: int = setting(2, "solver substeps per step", low=1)
     episode_length_s: float = setting(15.0, "time-out (truncation) after this long [s]: 1500 steps", above=0)
-    hover_rpm: float = setting(14468.429183500699, "propeller RPM at which thrust balances the Crazyflie's weight",
-                               above=0)
-    rpm_gain: float = setting(0.8, "rpm = (1 + rpm_gain * action) * hover_rpm, action clipped to [-1, 1]", above=0,
-                              high=1)
+    hover_rpm: float = setting(14468.429183500699, "RPM at which the propellers' thrust holds the drone", above=0)
+    rpm_gain: float = setting(0.8, "rpm = (1 + rpm_gain * action) * hover_rpm, action in [-1, 1]", above=0, high=1)
     init_pos: tuple = setting((0.0, 0.0, 1.0), "every episode starts hovering here [m], level and at rest")
     init_quat: tuple = setting((1.0, 0.0, 0.0, 0.0), "the start attitude, w x y z")
     target_low: tuple = setting((-1.0, -1.0, 1.0), "targets are uniform in [low, high] per axis [m]")
     target_high: tuple = setting((1.0, 1.0, 1.0), "(z fixed at 1 m by default)")
     at_target_dist: float = setting(0.1, "closer than this to the target [m]: count it and draw a new one", above=0)
-    crash_rel_pos: tuple = setting((3.0, 3.0, 2.0), "a crash: |target - position| above this on any axis [m] ...",
-                                   above=0)
+    crash_rel_pos: tuple = setting((3.0, 3.0, 2.0), "a crash: |target - position| above this on an axis [m]", above=0)
     crash_min_height: float = setting(0.1, "... or the drone lower than this [m]", low=0)
     obs_rel_pos_scale: float = setting(1 / 3.0, "observed target offset: times this, clipped to [-1, 1]", above=0)
     obs_lin_vel_scale: float = setting(1 / 3.0, "observed linear velocity: times this, clipped", above=0)
     # The example's 1/pi clips the rates trained drones fly (EXPERIMENTS.md, "The observation and the actor's start").
-    obs_ang_vel_scale: float = setting(1 / 25.0, "observed angular velocity: times this, clipped (example: 1/pi)",
-                                       above=0)
+    obs_ang_vel_scale: float = setting(1 / 25.0, "observed angular velocity: times this (example: 1/pi)", above=0)
     # Reward weights, one per term of `step` (TERMS; each term is also multiplied by dt, as in the example).
     reward_target: float = setting(10.0, "progress toward the target: |p_prev - target|^2 - |p - target|^2 [m^2]")
-    progress_per_metre: bool = setting(False, "progress in metres instead: |p_prev - target| - |p - target| [m], "
-                                              "the same pay per m/s near the target as far from it")
-    progress_speed_cap: float = setting(0.0, "[m/s] progress pays at most as for flying this fast at the target "
-                                             "(0: no cap)", low=0)
+    progress_per_metre: bool = setting(False, "progress in metres: |p_prev - target| - |p - target| (per m/s: the same "
+                                              "anywhere)")
+    progress_speed_cap: float = setting(0.0, "[m/s] progress pays at most as for flying this fast (0: no cap)", low=0)
     reward_smooth: float = setting(-1e-4, "change of action: |a - a_prev|^2")
     reward_yaw: float = setting(0.01, "heading held: exp(yaw_lambda * |yaw|), yaw in radians")
     yaw_lambda: float = setting(-10.0, "see reward_yaw")
-    reward_angular: float = setting(-2e-4 / 3.14159, "spin: |body angular velocity| [rad/s] (the example's -2e-4 "
-                                                     "per pi rad/s)")
+    reward_angular: float = setting(-2e-4 / 3.14159, "spin: |body angular velocity| [rad/s] (the example's -2e-4 / pi)")
     reward_crash: float = setting(-10.0, "1 on the step the drone crashes")
-    crash_multiple: float = setting(1.0, "a curriculum: the crash penalty grows linearly to this multiple of "
-                                         "reward_crash over crash_ramp, held after (1: the example's fixed one)", above=0)
+    crash_multiple: float = setting(1.0, "the crash penalty grows to this many reward_crash over crash_ramp", above=0)
     crash_ramp: tuple = setting((100, 200), "the training iterations FROM TO of that growth", low=0, ordered=True)
     camera_pos: tuple = setting((3.5, 0.0, 2.5), "the viewer's and the video's camera [m]")
     camera_lookat: tuple = setting((0.0, 0.0, 0.5), "where it looks [m]")
     camera_fov: float = setting(30.0, "its field of view [deg]", above=0, below=180)
 
-    def conflicts(self):
-        """What is wrong between settings, one line each (config.py checks each field's own rule first)."""
+    def conflicts(self):  # what is wrong between settings (config.py checks each field's own rule first)
         if self.episode_length_s < self.dt:
             yield f"--episode-length-s must be at least one step (--dt {self.dt}), got {self.episode_length_s}"
         if any(lo > hi for lo, hi in zip(self.target_low, self.target_high)):
@@ -80,84 +69,12 @@ class HoverConfig:
             yield "--init-quat must be a rotation (not all zeros)"
 
 
-# train.py's settings for this task. TRAIN: the Genesis example's (hover_train.py: 8192 drones x 100 steps, 301
-# iterations, actor and critic 128-128 tanh). CPU_PRESET, on top of it without CUDA: on 2 CPU cores, the best of
-# everything measured, each for a reason given in EXPERIMENTS.md ("Every default and why").
+# train.py's settings for this task. TRAIN: the Genesis example's (hover_train.py). CPU_PRESET, on top of it without
+# CUDA: on 2 CPU cores, the best of everything measured, each for a reason in EXPERIMENTS.md ("Every default and why").
 TRAIN = dict(num_envs=8192, num_steps=100, max_iterations=301, hidden=(128, 128), activation="tanh",
              learning_rate=3e-4, entropy_coef=0.004)
 CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, normalize_obs=True, init_std=0.3,
                   min_std=0.3, progress_speed_cap=2.5, crash_multiple=10.0, max_iterations=250)
-
-
-def init_genesis(device: torch.device):
-    """Genesis runs one backend per process: start it on `device`, or check that it already runs there.
-
-    Its performance mode compiles kernels for the number of envs: they step faster (1.7x for 1024 drones on a
-    CPU), but each new number compiles anew. GS_PERFORMANCE_MODE=0 turns it off (kernels for any size, a cached
-    scene built in seconds); the tests run that way (EXPERIMENTS.md, "Scene builds in the tests")."""
-    import genesis as gs
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda[:K]', got '{device}'")
-    if not gs._initialized:
-        if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device.index)  # Genesis runs on the current CUDA device
-        # No `seed=`: gs.init would reseed the global torch/numpy/random RNGs under the trainer's feet.
-        gs.init(backend=gs.cpu if device.type == "cpu" else gs.gpu, precision="32", logging_level="error",
-                performance_mode=os.environ.get("GS_PERFORMANCE_MODE", "1") != "0")
-    if device.type != gs.device.type or device.index not in (None, gs.device.index):
-        raise RuntimeError(f"Genesis is already initialised on '{gs.device}' in this process; "
-                           f"cannot create an env on '{device}' (one backend per process)")
-    return gs
-
-
-def validate_actions(env, actions):
-    """actions must be a float32 [num_envs, num_actions] tensor on the env's device, and, if env.check_actions,
-    finite (a host sync: train.py turns it off and checks the weights once per iteration instead)."""
-    expected = (env.num_envs, env.num_actions)
-    if not (isinstance(actions, torch.Tensor) and actions.shape == expected and actions.dtype == torch.float32
-            and actions.device == env.device):
-        got = (f"{tuple(actions.shape)} {actions.dtype} on {actions.device}" if isinstance(actions, torch.Tensor)
-               else type(actions).__name__)
-        raise ValueError(f"actions must be a float32 tensor of shape {expected} on {env.device}, got {got}")
-    if env.check_actions and not torch.isfinite(actions).all():
-        raise ValueError("actions contain NaN or inf")
-
-
-def quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """World vectors v [N, 3] into the body frame of unit quaternions q [N, 4] (w, x, y, z): R(q)^T v."""
-    w, u = q[:, :1], q[:, 1:]  # [N, 1], [N, 3]
-    t = torch.linalg.cross(u, v).mul_(2.0)  # rotating by the conjugate (w, -u): v - w t + u x t
-    return v - w * t + torch.linalg.cross(u, t)
-
-
-def quat_yaw(q: torch.Tensor) -> torch.Tensor:
-    """Yaw [N] in (-pi, pi] of quaternions q [N, 4] (w, x, y, z): rotation about world z in z-y-x Euler angles."""
-    w, x, y, z = q.unbind(1)
-    # atan2(2(wz + xy), 1 - 2(y^2 + z^2)), both arguments halved (same angle, two ops fewer)
-    return torch.atan2(torch.addcmul(w * z, x, y), 0.5 - torch.addcmul(y * y, z, z))
-
-
-def progress(prev_rel_pos, dist2, speed_cap: float, dt: float, per_metre: bool = False) -> torch.Tensor:
-    """The progress term [N]: |p_prev - target|^2 - |p - target|^2 from prev_rel_pos [N, 3] and dist2 [N], or,
-    per_metre, |p_prev - target| - |p - target|. Closing in at speed v pays about 2 |p_prev - target| v dt (per
-    metre: v dt), so a cap on v caps the term: racing at the edge of control stops paying."""
-    prev_dist2 = prev_rel_pos.square().sum(1)
-    if per_metre:
-        closing = prev_dist2.sqrt() - dist2.sqrt()
-        return closing.clamp(max=speed_cap * dt) if speed_cap else closing
-    if not speed_cap:
-        return prev_dist2 - dist2
-    return torch.minimum(prev_dist2 - dist2, prev_dist2.sqrt() * (2 * speed_cap * dt))
-
-
-def ramp(iteration: int, from_to: tuple) -> float:
-    """A curriculum's progress in a training iteration: 0 up to FROM, linear to 1 at TO, 1 after."""
-    start, end = from_to
-    if iteration >= end:
-        return 1.0
-    return 0.0 if iteration <= start else (iteration - start) / (end - start)
-
-
 TERMS = ("target", "smooth", "yaw", "angular", "crash")  # the reward terms, one weight each in HoverConfig
 
 
@@ -172,8 +89,8 @@ class HoverEnv:
         cfg = cfg or HoverConfig()
         gs = init_genesis(torch.device(device))
         self.num_envs, self.cfg, self.dt, self.device = num_envs, cfg, cfg.dt, gs.device
+        self.check_actions = check_actions  # NaN/inf in the actions: one bool read back (train.py: off)
         self.max_episode_length = round(cfg.episode_length_s / cfg.dt)  # 1500 (ceil would give 1501 in floats)
-        self.check_actions = check_actions
         self.generator = torch.Generator(device=self.device).manual_seed(seed)  # targets and episode starts
 
         visual = show_viewer or record_camera
@@ -187,7 +104,6 @@ class HoverEnv:
             show_viewer=show_viewer)
         self.scene.add_entity(gs.morphs.Plane())
         self.drone = self.scene.add_entity(gs.morphs.Drone(file="urdf/drones/cf2x.urdf"))
-        # Target markers cost physics time, so they exist only when someone looks.
         self.target_marker = self.scene.add_entity(
             gs.morphs.Mesh(file="meshes/sphere.obj", scale=0.05, fixed=True, collision=False),
             surface=gs.surfaces.Rough(diffuse_texture=gs.textures.ColorTexture(color=(1.0, 0.5, 0.5))),
@@ -213,8 +129,7 @@ class HoverEnv:
         self.last_actions = torch.zeros(N, 4, device=dev)  # [N, 4] actions applied at the previous step
         self.episode_length = torch.zeros(N, dtype=torch.int32, device=dev)  # [N] steps into the episode
         self._sums = torch.zeros((), device=dev)  # running per-episode sums, [N, terms + 2] after a step
-        # Each reward term's weight times dt, in TERMS's order: one multiply weighs them all. set_iteration() grows
-        # the crash penalty; reward_crash is its weight now.
+        # Each reward term's weight times dt, in TERMS's order: one multiply weighs them all (set_iteration: the last)
         self._reward_weights = torch.tensor([cfg.dt * w for w in (cfg.reward_target, cfg.reward_smooth,
                                              cfg.reward_yaw, cfg.reward_angular, cfg.reward_crash)], device=dev)
         self.reward_crash = cfg.reward_crash
@@ -232,33 +147,25 @@ class HoverEnv:
     def _start_episodes(self, envs):  # envs [N] bool: these drones start an episode (per-episode draws: none)
         pass
 
-    # ------------------------------------------------------------------------------------------------------------
-    def _draw_targets(self) -> torch.Tensor:
-        u = torch.rand(self.num_envs, 3, device=self.device, generator=self.generator)  # [N, 3]
+    def _show_targets(self):  # (only where someone looks: the markers cost physics time)
+        if self.target_marker is not None:
+            self.target_marker.set_pos(self.target_pos, zero_velocity=False)
+
+    def _draw_targets(self) -> torch.Tensor:  # [N, 3]
+        u = torch.rand(self.num_envs, 3, device=self.device, generator=self.generator)
         return torch.addcmul(self._target_low, self._target_span, u)
 
-    def _observe(self, rel_pos, quat, lin_vel_b, ang_vel_b, actions) -> torch.Tensor:
-        obs = torch.cat((rel_pos, quat, lin_vel_b, ang_vel_b, actions), dim=1)  # [N, 17]
-        return obs.mul_(self._obs_scale).clamp_(-1.0, 1.0)  # quat and actions already lie in [-1, 1]
-
-    def _observe_target(self, obs: torch.Tensor):
-        """Rewrite the target slot of obs [N, 17] for the current targets and positions."""
+    def _observe_target(self, obs: torch.Tensor):  # the target slot of obs [N, 17], rewritten
         obs[:, :3] = (self.target_pos - self.base_pos).mul_(self.cfg.obs_rel_pos_scale).clamp_(-1.0, 1.0)
 
     def set_iteration(self, iteration: int):
-        """The curriculum, called by train.py before each training iteration (1, 2, ...) and the first reset: the
-        crash penalty grows from reward_crash to crash_multiple times it over crash_ramp."""
+        """The curriculum (train.py calls it before each iteration 1, 2, ... and the first reset): the crash penalty."""
         self.reward_crash = self.cfg.reward_crash * (1.0 + (self.cfg.crash_multiple - 1.0)
                                                      * ramp(iteration, self.cfg.crash_ramp))
         self._reward_weights[-1] = self.cfg.dt * self.reward_crash  # (a host-to-device copy, no sync)
 
-    def _show_targets(self):
-        if self.target_marker is not None:
-            self.target_marker.set_pos(self.target_pos, zero_velocity=False)
-
     def reset(self, random_episode_start: bool = False) -> torch.Tensor:
-        """Reset all envs; returns obs [N, 17]. random_episode_start: episode counters drawn in [0, 1500), so
-        that the first time-outs spread out."""
+        """Reset all envs; returns obs [N, 17]. random_episode_start: counters in [0, 1500), time-outs spread out."""
         N, dev = self.num_envs, self.device
         self.drone.set_qpos(self._init_qpos, zero_velocity=True)
         self._start_episodes(torch.ones(N, dtype=torch.bool, device=dev))
@@ -324,8 +231,7 @@ class HoverEnv:
         time_outs = (self.episode_length >= self.max_episode_length) & ~terminated
         done = terminated | time_outs
 
-        # Per-episode sums of the terms, the steps and the targets reached; finished rows are handed out as they
-        # are and restart from zero in a fresh tensor.
+        # Per-episode sums of the terms, steps and targets; finished rows are handed out, then restart from zero.
         sums = self._sums + torch.cat((weighted, self._ones, at_target.float()[:, None]), 1)  # [N, terms + 2]
         self._sums = sums.masked_fill(done[:, None], 0.0)
         episode = {f"reward_{name}": sums[:, i] for i, name in enumerate(TERMS)}
@@ -335,7 +241,8 @@ class HoverEnv:
         # applied in this step; the Genesis example stores the one before it (one step staler).
         new_targets = self._draw_targets()  # [N, 3] used by envs that reached their target or finished
         self.target_pos = torch.where(at_target[:, None], new_targets, self.target_pos)
-        final_obs = self._observe(self.target_pos - pos, quat, lin_vel_b, ang_vel_b, a)  # [N, 17]
+        final_obs = torch.cat((self.target_pos - pos, quat, lin_vel_b, ang_vel_b, a), 1)  # [N, 17]
+        final_obs.mul_(self._obs_scale).clamp_(-1.0, 1.0)  # (quat and actions already lie in [-1, 1])
 
         # Reset finished envs without reading `done` back: Genesis setters take the boolean mask as it is.
         self.drone.set_qpos(self._init_qpos, envs_idx=done, zero_velocity=True)
@@ -352,8 +259,7 @@ class HoverEnv:
         info = {"time_outs": time_outs, "final_obs": final_obs, "episode": episode, "nonfinite": nonfinite}
         return self._sense(obs), reward, done, info
 
-    def measure(self) -> dict:
-        """What eval.py records after every step and plots, [N] each: each drone's distance to its target [m]."""
+    def measure(self) -> dict:  # what eval.py records after every step and plots, [N] each
         return {"distance_m": torch.linalg.vector_norm(self.target_pos - self.base_pos, dim=1)}
 
 
@@ -361,23 +267,83 @@ class HoverEnv:
 Config, Env = HoverConfig, HoverEnv
 
 
+# ------------------------------------------------------------------------------------------------------------ helpers
+def init_genesis(device: torch.device):
+    """Genesis runs one backend per process: start it on `device` (cpu or cuda[:K]), or check that it runs there.
+    GS_PERFORMANCE_MODE=0 turns off its kernels compiled per number of envs, as the tests do (EXPERIMENTS.md)."""
+    import genesis as gs
+    if not gs._initialized:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device.index)  # Genesis runs on the current CUDA device
+        # No `seed=`: gs.init would reseed the global torch/numpy/random RNGs under the trainer's feet.
+        gs.init(backend=gs.cpu if device.type == "cpu" else gs.gpu, precision="32", logging_level="error",
+                performance_mode=os.environ.get("GS_PERFORMANCE_MODE", "1") != "0")
+    if device.type != gs.device.type or device.index not in (None, gs.device.index):
+        raise RuntimeError(f"Genesis is already initialised on '{gs.device}' in this process; "
+                           f"cannot create an env on '{device}' (one backend per process)")
+    return gs
+
+
+def validate_actions(env, actions):
+    """actions must be a float32 [num_envs, num_actions] tensor on the env's device, and finite if env.check_actions."""
+    expected = (env.num_envs, env.num_actions)
+    if not (isinstance(actions, torch.Tensor) and actions.shape == expected and actions.dtype == torch.float32
+            and actions.device == env.device):
+        got = (f"{tuple(actions.shape)} {actions.dtype} on {actions.device}" if isinstance(actions, torch.Tensor)
+               else type(actions).__name__)
+        raise ValueError(f"actions must be a float32 tensor of shape {expected} on {env.device}, got {got}")
+    if env.check_actions and not torch.isfinite(actions).all():
+        raise ValueError("actions contain NaN or inf")
+
+
+def quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """World vectors v [N, 3] into the body frame of unit quaternions q [N, 4] (w, x, y, z): R(q)^T v."""
+    w, u = q[:, :1], q[:, 1:]  # [N, 1], [N, 3]
+    t = torch.linalg.cross(u, v).mul_(2.0)  # rotating by the conjugate (w, -u): v - w t + u x t
+    return v - w * t + torch.linalg.cross(u, t)
+
+
+def quat_yaw(q: torch.Tensor) -> torch.Tensor:
+    """Yaw [N] in (-pi, pi] of quaternions q [N, 4] (w, x, y, z): rotation about world z in z-y-x Euler angles."""
+    w, x, y, z = q.unbind(1)
+    # atan2(2(wz + xy), 1 - 2(y^2 + z^2)), both arguments halved (same angle, two ops fewer)
+    return torch.atan2(torch.addcmul(w * z, x, y), 0.5 - torch.addcmul(y * y, z, z))
+
+
+def progress(prev_rel_pos, dist2, speed_cap: float, dt: float, per_metre: bool = False) -> torch.Tensor:
+    """The progress term [N]: |p_prev - target|^2 - |p - target|^2 from prev_rel_pos [N, 3] and dist2 [N], or,
+    per_metre, |p_prev - target| - |p - target|. Closing in at speed v pays about 2 |p_prev - target| v dt (per
+    metre: v dt), so a cap on v caps the term: racing at the edge of control stops paying."""
+    prev_dist2 = prev_rel_pos.square().sum(1)
+    if per_metre:
+        closing = prev_dist2.sqrt() - dist2.sqrt()
+        return closing.clamp(max=speed_cap * dt) if speed_cap else closing
+    if not speed_cap:
+        return prev_dist2 - dist2
+    return torch.minimum(prev_dist2 - dist2, prev_dist2.sqrt() * (2 * speed_cap * dt))
+
+
+def ramp(iteration: int, from_to: tuple) -> float:
+    """A curriculum's progress in a training iteration: 0 up to FROM, linear to 1 at TO, 1 after."""
+    start, end = from_to
+    return 1.0 if iteration >= end else 0.0 if iteration <= start else (iteration - start) / (end - start)
+
+
 def describe(cfg: HoverConfig) -> dict:
-    """export.py's policy.json: the observation layout, the action map and the microcontroller a deployment needs."""
+    """export.py's policy.json: the observations, the action map (cf2x.urdf's motors, x ahead, y left), the MCU."""
     def obs(start, names, frame, unit, scale):
         return [{"index": start + i, "name": name, "frame": frame, "unit": unit, "scale": scale, "clip": [-1, 1]}
                 for i, name in enumerate(names)]
-    motors = [{"index": i, "position_m": [x, y], "spin": spin}  # cf2x.urdf as Genesis loads it; x forward, y left
-              for i, (x, y, spin) in enumerate([(0.028, -0.028, "CW"), (-0.028, -0.028, "CCW"),
-                                                (-0.028, 0.028, "CW"), (0.028, 0.028, "CCW")])]
+    motors = [{"index": i, "position_m": [x, y], "spin": spin} for i, (x, y, spin) in enumerate(
+        [(0.028, -0.028, "CW"), (-0.028, -0.028, "CCW"), (-0.028, 0.028, "CW"), (0.028, 0.028, "CCW")])]
     return {"control_rate_hz": round(1 / cfg.dt), "trained_against": "none: the simulator's nominal drone",
             "observation": (obs(0, [f"target_{a} - {a}" for a in "xyz"], "world", "m", cfg.obs_rel_pos_scale)
                             + obs(3, [f"quaternion_{c}" for c in "wxyz"], "body to world, w first", "", 1)
                             + obs(7, [f"velocity_{a}" for a in "xyz"], "body", "m/s", cfg.obs_lin_vel_scale)
                             + obs(10, [f"angular_velocity_{a}" for a in "xyz"], "body", "rad/s", cfg.obs_ang_vel_scale)
                             + obs(13, [f"previous_action_{i}" for i in range(4)], "", "", 1)),
-            "observation_note": "each value is the physical quantity times scale, then clipped; the policy's "
-                                "normalizer is inside every artifact. previous_action is the last action "
-                                "output (clipped), zeros at the start of a flight.",
+            "observation_note": "each value: the quantity times scale, clipped (the policy's normalizer is in every "
+                                "artifact); previous_action: the last output, clipped, zeros at the start",
             "action": {"size": 4, "range": [-1.0, 1.0], "rpm": "hover_rpm * (1 + rpm_gain * action[i]) for propeller i",
                        "hover_rpm": cfg.hover_rpm, "rpm_gain": cfg.rpm_gain, "motors": motors},
             "microcontroller": {"name": "STM32F405 (Crazyflie 2.1)", "flash_bytes": 1024 * 1024,

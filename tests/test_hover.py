@@ -430,7 +430,7 @@ def test_step_has_no_host_sync(env):
 def test_one_genesis_backend_per_process(env):
     with pytest.raises(RuntimeError, match="already initialised"):
         HoverEnv(num_envs=2, device="cuda")  # rejected before any scene is built
-    with pytest.raises(ValueError, match="'cpu' or 'cuda"):
+    with pytest.raises(RuntimeError, match="cannot create an env on 'mps'"):
         HoverEnv(num_envs=2, device="mps")
 
 
