@@ -60,15 +60,15 @@ def rule_broken(f, value):
     if isinstance(default, tuple):
         n = rule.get("length", len(default))
         if not isinstance(value, tuple) or not value or (n is not None and len(value) != n):
-            return f"takes {n or 'one or more'} values, got {' '.join(map(str, value)) or 'none'}"
+            return f"takes {n or 'one or more'} values, got {' '.join(map(repr, value)) or 'none'}"
         if rule.get("ordered") and value[0] > value[1]:
-            return f"must be a range LOW HIGH with LOW <= HIGH, got {' '.join(map(str, value))}"
+            return f"must be a range LOW HIGH with LOW <= HIGH, got {' '.join(map(repr, value))}"
     for x in value if isinstance(value, tuple) else (value,):
         if isinstance(x, float) and not math.isfinite(x):
             return f"must be a finite number, got {x}"
         if "choices" in rule and x not in rule["choices"]:
-            return f"must be one of {', '.join(map(str, rule['choices']))}, got {x}"
-        shown = " ".join(map(str, value)) if isinstance(value, tuple) else x
+            return f"must be one of {', '.join(map(str, rule['choices']))}, got {x!r}"
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else x  # (numbers: strings have choices)
         for key, holds, words in (("above", lambda a, b: a > b, ">"), ("low", lambda a, b: a >= b, ">="),
                                   ("below", lambda a, b: a < b, "<"), ("high", lambda a, b: a <= b, "<=")):
             if key in rule and not holds(x, rule[key]):
@@ -234,8 +234,40 @@ def check_writable(directory):
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
+def worker_state(env, obs, cuda):
+    """This worker's part of a checkpoint: its random states (torch's, CUDA's, each generator the env holds) and,
+    where the task gives them (state_dict), its envs' state and the observation its loop holds. The envs are written
+    back from that state at once: Genesis's setters round the last bit of what they set, so this run and any run
+    resumed from the checkpoint step on from the very same state, and a resumed run repeats this one bit for bit."""
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
+             "generators": {k: g.get_state() for k, g in vars(env).items() if isinstance(g, torch.Generator)}}
+    if hasattr(env, "state_dict"):
+        state["env"] = on_cpu(env.state_dict())
+        env.load_state_dict(state["env"])
+        state["obs"] = obs.cpu()
+    return state
+
+
+def on_cpu(x):  # the tensors of nested dicts, copied to the host
+    return {k: on_cpu(v) for k, v in x.items()} if isinstance(x, dict) else x.cpu() if torch.is_tensor(x) else x
+
+
+def restore_worker(env, state):
+    """A worker's part of a checkpoint put back (worker_state's); the observation its loop goes on from, or None
+    where the task keeps no state of its envs (they start new episodes)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    for name, generator_state in state["generators"].items():
+        getattr(env, name).set_state(generator_state)
+    if "env" not in state or not hasattr(env, "load_state_dict"):
+        return None
+    env.load_state_dict(state["env"])
+    return state["obs"].to(env.device)
+
+
 class Checkpoint(NamedTuple):
-    state: dict  # what train.py saved: iteration, elapsed_s, config, task_config, policy, optimizer, rng, format
+    state: dict  # what train.py saved: format, iteration, elapsed_s, config, task_config, policy, optimizer, workers
     settings: dict  # its TrainConfig, as a dict
     task: object  # the task's module
     task_cfg: object  # its task Config
@@ -263,7 +295,7 @@ def load_checkpoint(path) -> Checkpoint:
         settings = state["config"]
         task = task_module(settings["task"])
         task_cfg = from_dict(task.Config, state["task_config"])
-        missing = {"iteration", "elapsed_s", "policy", "optimizer", "rng"} - set(state)
+        missing = {"iteration", "elapsed_s", "policy", "optimizer", "workers"} - set(state)
     except BadInput as e:
         raise BadInput(f"{path}: {e}") from None
     except Exception as e:
@@ -274,7 +306,7 @@ def load_checkpoint(path) -> Checkpoint:
     return Checkpoint(state, settings, task, task_cfg)
 
 
-# Format 1 (up to commit e1667a0): "task" held the task's settings, the random states were the main worker's only,
+# Format 1 (up to commit e1667a0): "task" held the task's settings, "rng" the main worker's random states only,
 # and the drone's perturbations were settings of the hover task (--randomize, which replaced defaults when built).
 # A checkpoint flown with any of them on is a crazyflie checkpoint now, with exactly the values it stored; a setting
 # it lacks had the default of its day, off, which the crazyflie task's defaults are not.
@@ -293,4 +325,6 @@ def upgrade_format_1(state):
         if any(gaps[k] != FORMAT_1_PERTURBATIONS[k] for k in FORMAT_1_GAPS):
             settings["task"], task_cfg = "crazyflie", {"progress_per_metre": False, **task_cfg, **gaps}
     rest = {k: v for k, v in state.items() if k not in ("config", "task", "rng")}
-    return {**rest, "format": FORMAT, "config": settings, "task_config": task_cfg, "rng": [state["rng"]]}
+    rng = state["rng"]  # the main worker's; the envs' state was not saved
+    return {**rest, "format": FORMAT, "config": settings, "task_config": task_cfg,
+            "workers": [{"torch": rng["torch"], "cuda": rng["cuda"], "generators": {"generator": rng["env"]}}]}

@@ -8,8 +8,8 @@
 
 Genesis's examples/drone/hover_env.py, with its scene, action map, rewards and terminations; the differences are
 noted where they occur. `step` resets finished drones through boolean masks: it never reads a tensor back to the
-host. genesis is imported when the first env is built, so that train.py checks settings before it starts. A
-variant overrides HoverEnv's hooks (_motor_rpm, _push, _sense, _start_episodes): examples/crazyflie/ does.
+host. genesis is imported when the first env is built. A variant overrides HoverEnv's hooks (_motor_rpm, _push,
+_sense, _start_episodes), as examples/crazyflie/ does.
 """
 import os
 from dataclasses import dataclass, field
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-def setting(default, help, **rule):
-    """A task setting: its default, the help of its flag, and the rule a value must keep (config.py checks it)."""
+def setting(default, help, **rule):  # a task setting: its default, its flag's help, the rule config.py checks
     return field(default=default, metadata={"help": help, **rule})
 
 
@@ -69,8 +68,7 @@ class HoverConfig:
             yield "--init-quat must be a rotation (not all zeros)"
 
 
-# train.py's settings for this task. TRAIN: the Genesis example's (hover_train.py). CPU_PRESET, on top of it without
-# CUDA: on 2 CPU cores, the best of everything measured, each for a reason in EXPERIMENTS.md ("Every default and why").
+# train.py's settings: TRAIN, hover_train.py's; CPU_PRESET without CUDA, each for a reason in EXPERIMENTS.md.
 TRAIN = dict(num_envs=8192, num_steps=100, max_iterations=301, hidden=(128, 128), activation="tanh",
              learning_rate=3e-4, entropy_coef=0.004)
 CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, normalize_obs=True, init_std=0.3,
@@ -93,7 +91,6 @@ class HoverEnv:
         self.max_episode_length = round(cfg.episode_length_s / cfg.dt)  # 1500 (ceil would give 1501 in floats)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)  # targets and episode starts
 
-        visual = show_viewer or record_camera
         self.scene = gs.Scene(
             sim_options=gs.options.SimOptions(dt=cfg.dt, substeps=cfg.substeps),  # no RigidOptions(dt=): it would clash
             rigid_options=gs.options.RigidOptions(constraint_solver=gs.constraint_solver.Newton,
@@ -104,10 +101,10 @@ class HoverEnv:
             show_viewer=show_viewer)
         self.scene.add_entity(gs.morphs.Plane())
         self.drone = self.scene.add_entity(gs.morphs.Drone(file="urdf/drones/cf2x.urdf"))
+        seen = show_viewer or record_camera  # (target markers cost physics time: only where someone looks)
         self.target_marker = self.scene.add_entity(
             gs.morphs.Mesh(file="meshes/sphere.obj", scale=0.05, fixed=True, collision=False),
-            surface=gs.surfaces.Rough(diffuse_texture=gs.textures.ColorTexture(color=(1.0, 0.5, 0.5))),
-        ) if visual else None
+            surface=gs.surfaces.Rough(diffuse_texture=gs.textures.ColorTexture(color=(1, 0.5, 0.5)))) if seen else None
         self.camera = self.scene.add_camera(res=(640, 480), pos=cfg.camera_pos, lookat=cfg.camera_lookat,
                                             fov=cfg.camera_fov, GUI=False) if record_camera else None
         self.scene.build(n_envs=num_envs)
@@ -120,10 +117,8 @@ class HoverEnv:
         self._obs_scale = torch.tensor([cfg.obs_rel_pos_scale] * 3 + [1.0] * 4 + [cfg.obs_lin_vel_scale] * 3
                                        + [cfg.obs_ang_vel_scale] * 3 + [1.0] * 4, device=dev)  # [17]
         self._ones = torch.ones(N, 1, device=dev)
-        # Observation of the start state with the target slot still to fill: level, at rest, no previous action.
-        self._start_obs = torch.zeros(self.num_obs, device=dev)
+        self._start_obs = torch.zeros(self.num_obs, device=dev)  # level, at rest, no action; its target slot: to fill
         self._start_obs[3:7] = torch.tensor(cfg.init_quat, device=dev)
-
         self.base_pos = self._init_qpos[:, :3].clone()  # [N, 3] current drone positions
         self.target_pos = torch.zeros(N, 3, device=dev)  # [N, 3] current targets
         self.last_actions = torch.zeros(N, 4, device=dev)  # [N, 4] actions applied at the previous step
@@ -147,7 +142,7 @@ class HoverEnv:
     def _start_episodes(self, envs):  # envs [N] bool: these drones start an episode (per-episode draws: none)
         pass
 
-    def _show_targets(self):  # (only where someone looks: the markers cost physics time)
+    def _show_targets(self):
         if self.target_marker is not None:
             self.target_marker.set_pos(self.target_pos, zero_velocity=False)
 
@@ -198,8 +193,7 @@ class HoverEnv:
 
         # Free-joint state: qpos = world position + quaternion, dof velocity = world linear + *body* angular velocity.
         qpos, dof_vel = self.drone.get_qpos(), self.drone.get_dofs_velocity()  # [N, 7], [N, 6] (fresh copies)
-        # A blown-up env must not spread NaN into obs and reward: zero its state here, reset it below. (The row sum
-        # of finite, moderate numbers is finite; s - s is 0 but for NaN or inf: two ops where ~isfinite takes five.)
+        # A blown-up env must not spread NaN: zero its state, reset it below (s - s != 0: 2 ops where ~isfinite takes 5)
         row = qpos.sum(1) + dof_vel.sum(1)  # [N]
         nonfinite = (row - row) != 0
         qpos.masked_fill_(nonfinite[:, None], 0.0)
@@ -259,6 +253,18 @@ class HoverEnv:
         info = {"time_outs": time_outs, "final_obs": final_obs, "episode": episode, "nonfinite": nonfinite}
         return self._sense(obs), reward, done, info
 
+    STATE = ("base_pos", "target_pos", "last_actions", "episode_length", "_sums")  # with the drones' qpos, velocity
+
+    def state_dict(self) -> dict:  # what a resumed run needs to step on as this one would (train.py saves it)
+        return {"qpos": self.drone.get_qpos(), "dofs_vel": self.drone.get_dofs_velocity(),
+                **{k: getattr(self, k).clone() for k in self.STATE}}
+
+    def load_state_dict(self, state: dict):
+        self.drone.set_qpos(state["qpos"].to(self.device), zero_velocity=False)
+        self.drone.set_dofs_velocity(state["dofs_vel"].to(self.device))
+        for k in self.STATE:
+            setattr(self, k, state[k].to(self.device))
+
     def measure(self) -> dict:  # what eval.py records after every step and plots, [N] each
         return {"distance_m": torch.linalg.vector_norm(self.target_pos - self.base_pos, dim=1)}
 
@@ -305,8 +311,7 @@ def quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def quat_yaw(q: torch.Tensor) -> torch.Tensor:
     """Yaw [N] in (-pi, pi] of quaternions q [N, 4] (w, x, y, z): rotation about world z in z-y-x Euler angles."""
-    w, x, y, z = q.unbind(1)
-    # atan2(2(wz + xy), 1 - 2(y^2 + z^2)), both arguments halved (same angle, two ops fewer)
+    w, x, y, z = q.unbind(1)  # atan2(2(wz + xy), 1 - 2(y^2 + z^2)), both arguments halved: two ops fewer
     return torch.atan2(torch.addcmul(w * z, x, y), 0.5 - torch.addcmul(y * y, z, z))
 
 
@@ -330,21 +335,16 @@ def ramp(iteration: int, from_to: tuple) -> float:
 
 
 def describe(cfg: HoverConfig) -> dict:
-    """export.py's policy.json: the observations, the action map (cf2x.urdf's motors, x ahead, y left), the MCU."""
+    """export.py's policy.json: the observation layout and the action map."""
     def obs(start, names, frame, unit, scale):
         return [{"index": start + i, "name": name, "frame": frame, "unit": unit, "scale": scale, "clip": [-1, 1]}
                 for i, name in enumerate(names)]
-    motors = [{"index": i, "position_m": [x, y], "spin": spin} for i, (x, y, spin) in enumerate(
-        [(0.028, -0.028, "CW"), (-0.028, -0.028, "CCW"), (-0.028, 0.028, "CW"), (0.028, 0.028, "CCW")])]
     return {"control_rate_hz": round(1 / cfg.dt), "trained_against": "none: the simulator's nominal drone",
             "observation": (obs(0, [f"target_{a} - {a}" for a in "xyz"], "world", "m", cfg.obs_rel_pos_scale)
                             + obs(3, [f"quaternion_{c}" for c in "wxyz"], "body to world, w first", "", 1)
                             + obs(7, [f"velocity_{a}" for a in "xyz"], "body", "m/s", cfg.obs_lin_vel_scale)
                             + obs(10, [f"angular_velocity_{a}" for a in "xyz"], "body", "rad/s", cfg.obs_ang_vel_scale)
                             + obs(13, [f"previous_action_{i}" for i in range(4)], "", "", 1)),
-            "observation_note": "each value: the quantity times scale, clipped (the policy's normalizer is in every "
-                                "artifact); previous_action: the last output, clipped, zeros at the start",
+            "observation_note": "each value: the quantity times scale, clipped; previous_action: zeros at the start",
             "action": {"size": 4, "range": [-1.0, 1.0], "rpm": "hover_rpm * (1 + rpm_gain * action[i]) for propeller i",
-                       "hover_rpm": cfg.hover_rpm, "rpm_gain": cfg.rpm_gain, "motors": motors},
-            "microcontroller": {"name": "STM32F405 (Crazyflie 2.1)", "flash_bytes": 1024 * 1024,
-                                "ram_bytes": 192 * 1024, "mhz": 168}}
+                       "hover_rpm": cfg.hover_rpm, "rpm_gain": cfg.rpm_gain}}

@@ -147,7 +147,8 @@ class _TanhViaSigmoid(torch.autograd.Function):
 class Tanh(nn.Module):
     """nn.Tanh with an optional speed-up for CPUs, where torch.tanh is several times slower than
     torch.sigmoid: there it is computed through the sigmoid (within 2e-7 of torch.tanh; the saving is
-    measured in EXPERIMENTS.md, "The CPU tanh"). On a GPU it is torch.tanh. Replace it by nn.Tanh to drop the trick."""
+    measured in EXPERIMENTS.md, "Speed of each stage"). On a GPU it is torch.tanh. Replace it by nn.Tanh to drop the
+    trick."""
 
     def forward(self, x):
         return _TanhViaSigmoid.apply(x) if x.device.type == "cpu" else torch.tanh(x)

@@ -89,20 +89,6 @@ def rollout(policy, env, storage, obs, episodes, cfg, workers):
     return obs
 
 
-def random_states(env, cuda):
-    """This process's random states: torch's, CUDA's, and each generator the env holds."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
-            "env": {k: g.get_state() for k, g in vars(env).items() if isinstance(g, torch.Generator)}}
-
-
-def set_random_states(env, states):
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None:
-        torch.cuda.set_rng_state(states["cuda"])
-    for name, state in (states["env"].items() if isinstance(states["env"], dict) else [("generator", states["env"])]):
-        getattr(env, name).set_state(state)
-
-
 def train(cfg, task_cfg, task, resume=None):
     workers = Workers()
     say = print if workers.main else (lambda *args, **kwargs: None)
@@ -129,12 +115,13 @@ def train(cfg, task_cfg, task, resume=None):
     cpu_threads(cfg, "rollout")
     # check_actions=False: the per-step NaN check would sync every step; theta is checked once per iteration instead.
     env = Env(cfg.num_envs, device=str(device), seed=cfg.seed + workers.rank, check_actions=False, cfg=task_cfg)
-    if resume and workers.rank < len(resume.state["rng"]):  # (a worker added on resume keeps its seed)
-        set_random_states(env, resume.state["rng"][workers.rank])
     episodes = EpisodeStats(env.rates, unit, env.dt)
     log = RunLog(run_dir, settings, episodes, cfg.max_iterations, cfg.tensorboard, active=workers.main)
     env.set_iteration(start + 1)  # the curriculum's settings before the first episodes draw theirs (resume: mid-way)
-    obs = env.reset(random_episode_start=cfg.random_episode_start)
+    saved = resume.state["workers"] if resume else []  # (a worker added on resume starts from its seed)
+    obs = config.restore_worker(env, saved[workers.rank]) if workers.rank < len(saved) else None
+    if obs is None:
+        obs = env.reset(random_episode_start=cfg.random_episode_start)
     samples = cfg.num_steps * cfg.num_envs * workers.world
     t_start = time.time()
     with StopOnSignal() as stop:
@@ -167,7 +154,7 @@ def train(cfg, task_cfg, task, resume=None):
                     "format": config.FORMAT, "iteration": it + 1, "elapsed_s": row["elapsed_s"],
                     "config": dataclasses.asdict(cfg), "task_config": dataclasses.asdict(task_cfg),
                     "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                    "rng": workers.gather(random_states(env, device.type == "cuda"))})  # every worker's
+                    "workers": workers.gather(config.worker_state(env, obs, device.type == "cuda"))})
             if stop_requested:
                 break
     log.close()

@@ -1,5 +1,8 @@
-"""What the Genesis tests of every room share: a spy on host syncs and a rotation matrix written independently of
-the tasks' own helpers."""
+"""What the Genesis tests of every room share: a spy on host syncs, a rotation matrix written independently of
+the tasks' own helpers, and a comparison of two training runs."""
+import json
+import os
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -28,3 +31,20 @@ class SyncSpy(TorchFunctionMode):
                 or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)):
             self.calls.append(name)
         return func(*args, **(kwargs or {}))
+
+
+TIMINGS = {"steps_per_s", "collect_s", "learn_s", "elapsed_s", "eta_s"}  # the clock's, not the run's
+
+
+def assert_same_run(run_dir, resumed_dir, first, last):
+    """The resumed run's metrics rows first..last and its checkpoint `last` (weights, normalizer, Adam's state)
+    equal the uninterrupted run's, bit for bit."""
+    def rows(d):
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            return {r["iteration"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in map(json.loads, f)}
+    a, b = rows(run_dir), rows(resumed_dir)
+    assert [a[i] for i in range(first, last + 1)] == [b[i] for i in range(first, last + 1)]
+    x, y = (torch.load(os.path.join(d, f"ckpt_{last:04d}.pt"), weights_only=True) for d in (run_dir, resumed_dir))
+    assert all(torch.equal(x["policy"][k], y["policy"][k]) for k in x["policy"])
+    assert all(torch.equal(x["optimizer"][k], y["optimizer"][k]) for k in ("m", "v", "lr"))
+    assert x["optimizer"]["t"] == y["optimizer"]["t"]

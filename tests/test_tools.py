@@ -32,6 +32,7 @@ from logger import tensorboard_name
 from policy import ActorCritic
 from ppo import PPOConfig, update
 from storage import Batch, RolloutStorage
+from tests.checks import assert_same_run
 from workers import Workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +85,7 @@ def settings(*flags):
     (["--hidden", "64", "x"], "argument --hidden: invalid int value: 'x'"),
     (["--task", "humanoid"], "no task 'humanoid'"),
     (["--task", "json"], "the module json is no task: it lacks Config, Env, TRAIN, CPU_PRESET"),
-    (["--activation", "relu6"], "--activation must be one of tanh, elu, got relu6"),
+    (["--activation", "relu6"], "--activation must be one of tanh, elu, got 'relu6'"),
     (["--task", "go2", "--progress-speed-cap", "1"], "unrecognized arguments: --progress-speed-cap 1"),
     (["--task", "go2", "--default-joint-angles", "0", "1"], "--default-joint-angles takes 12 values"),
     (["--eval", "runs/x/ckpt_0010.pt"], "unrecognized arguments: --eval"),
@@ -208,7 +209,8 @@ def test_train_smoke_run_writes_config_metrics_and_checkpoints(smoke_run):
     assert all(math.isfinite(r["loss"]) and r["total_steps"] == 64 * r["iteration"] for r in rows)
     ckpt = config.load_checkpoint(os.path.join(smoke_run, "ckpt_0002.pt")).state
     assert ckpt["iteration"] == 2 and ckpt["optimizer"]["t"] == 2 * 2 * 2  # 2 iterations x 2 epochs x 2 minibatches
-    assert ckpt["format"] == config.FORMAT and len(ckpt["rng"]) == 1  # one worker's random states
+    assert ckpt["format"] == config.FORMAT and len(ckpt["workers"]) == 1  # one worker's random states and envs
+    assert set(ckpt["workers"][0]) == {"torch", "cuda", "generators", "env", "obs"}
     with open(os.path.join(os.path.dirname(smoke_run), "stdout.txt")) as f:
         lines = f.read().splitlines()
     # the design's figures, printed at start from the real tensors; then one line per iteration
@@ -267,6 +269,33 @@ def test_train_resume_restores_the_optimizer_exactly(smoke_run, tmp_path, monkey
     assert resumed.state["iteration"] == 3 and resumed.task_cfg == task
 
 
+def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
+    """2 iterations, then a resume for 2 more, equal 4 uninterrupted ones: every metrics row and the weights."""
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        train.main(TINY + ["--max-iterations", "4", "--save-interval", "2", "--log-dir", str(tmp_path), "--run-name",
+                           "four"])
+        train.main(TINY + ["--max-iterations", "2", "--log-dir", str(tmp_path), "--run-name", "two"])
+        train.main(["--resume", str(tmp_path / "two" / "ckpt_0002.pt"), "--max-iterations", "4"])
+    assert_same_run(tmp_path / "four", tmp_path / "two", 1, 4)
+
+
+def test_resume_refuses_a_finished_run_and_another_device_kind(smoke_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
+    for flags, message in ((["--max-iterations", "2"], "the checkpoint has trained its 2 iterations: resume with "
+                                                       "--max-iterations above 2"),
+                           (["--max-iterations", "1"], "resume with --max-iterations above 2")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--resume", os.path.join(smoke_run, "ckpt_0002.pt"), *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    state = torch.load(os.path.join(smoke_run, "ckpt_0002.pt"), weights_only=True)
+    state["config"]["device"] = "cuda"
+    torch.save(state, tmp_path / "gpu.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path / "gpu.pt"), "--max-iterations", "3", "--device", "cpu"])
+    assert e.value.code == 2 and "the checkpoint's random states are cuda's" in capsys.readouterr().err
+
+
 def test_train_resume_rejects_another_network_shape(smoke_run, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", os.path.join(smoke_run, "ckpt_0002.pt"), "--hidden", "64", "64"])
@@ -318,13 +347,14 @@ def test_nonfinite_weights_stop_training_without_saving(tmp_path, monkeypatch, c
     assert not [f for f in os.listdir(tmp_path / "nan") if f.endswith(".pt")]
 
 
-def test_train_starts_cpu_workers_and_one_sigterm_stops_them_cleanly(tmp_path):
-    """--workers 2: train.py runs two data-parallel copies of itself; a SIGTERM to it reaches both once,
-    so they finish the iteration, save it and exit 0."""
+def test_train_starts_cpu_workers_one_sigterm_stops_them_and_a_resume_repeats_them(tmp_path):
+    """--workers 2: train.py runs two data-parallel copies of itself; a SIGTERM to it reaches both once, so they
+    finish the iteration, save it and exit 0. Resumed from the checkpoint of iteration 2, the two workers repeat
+    the iterations after it bit for bit: every worker's random states and envs are in the checkpoint."""
     log = open(tmp_path / "out.txt", "w+")
-    cmd = [sys.executable, "train.py", *TINY, "--workers", "2", "--threads-update", "1", "--max-iterations", "10000",
-           "--save-interval", "10000", "--normalize-obs", "true", "--log-dir", str(tmp_path), "--run-name", "two"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "train.py", *TINY, "--workers", "2", "--threads-update", "1", "--save-interval", "2",
+           "--normalize-obs", "true", "--log-dir", str(tmp_path), "--run-name", "two"]
+    proc = subprocess.Popen(cmd + ["--max-iterations", "10000"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     metrics = tmp_path / "two" / "metrics.jsonl"
     deadline = time.time() + 600
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
@@ -339,10 +369,18 @@ def test_train_starts_cpu_workers_and_one_sigterm_stops_them_cleanly(tmp_path):
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     last = rows[-1]["iteration"]
     assert 3 <= last < 10000 and all(r["total_steps"] == 128 * r["iteration"] for r in rows)
-    assert [f for f in os.listdir(tmp_path / "two") if f.endswith(".pt")] == [f"ckpt_{last:04d}.pt"]
+    assert f"ckpt_{last:04d}.pt" in os.listdir(tmp_path / "two") and "ckpt_0002.pt" in os.listdir(tmp_path / "two")
     ckpt = config.load_checkpoint(str(tmp_path / "two" / f"ckpt_{last:04d}.pt")).state
-    assert ckpt["iteration"] == last and len(ckpt["rng"]) == 2  # both workers' random states
+    assert ckpt["iteration"] == last and len(ckpt["workers"]) == 2  # both workers' random states and envs
     assert ckpt["policy"]["obs_norm.count"].item() == 128 * last  # the normalizer saw both workers' samples
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(tmp_path / "two" / "ckpt_0002.pt", tmp_path / "resumed")
+    state = torch.load(tmp_path / "resumed" / "ckpt_0002.pt", weights_only=True)
+    state["config"]["run_name"] = "resumed"
+    torch.save(state, tmp_path / "resumed" / "ckpt_0002.pt")
+    subprocess.run([sys.executable, "train.py", "--resume", str(tmp_path / "resumed" / "ckpt_0002.pt"),
+                    "--max-iterations", str(last)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    assert_same_run(tmp_path / "two", tmp_path / "resumed", 3, last)
 
 
 def test_train_rejects_cpu_workers_on_cuda(capsys):
@@ -604,7 +642,7 @@ def test_export_writes_every_artifact(exported):
         meta = json.load(f)
     assert meta["iteration"] == 2 and meta["control_rate_hz"] == 100 and len(meta["observation"]) == 17
     assert [o["index"] for o in meta["observation"]] == list(range(17))
-    assert meta["action"]["hover_rpm"] == pytest.approx(14468.429183500699) and len(meta["action"]["motors"]) == 4
+    assert meta["action"]["hover_rpm"] == pytest.approx(14468.429183500699) and "microcontroller" not in meta
     assert meta["c_footprint"] == {"flash_bytes": 4 * (19_332 + 2 * 17), "stack_bytes": 4 * (17 + 2 * 128),
                                    "multiply_adds": 17 * 128 + 128 * 128 + 128 * 4, "tanhf_calls": 256}
 
@@ -690,3 +728,129 @@ def test_export_interrupted_leaves_no_partial_file(smoke_run, tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == ["policy.h", "policy.pt2"]
 
 
+
+
+# ---------------------------------------------------------------- a third task, from README's contract alone
+POINT_TASK = '''
+"""Point masses on a line, each pushed toward its target: README's task contract, written from its table alone."""
+from dataclasses import dataclass, field
+
+import torch
+
+
+def setting(default, help, **rule):
+    return field(default=default, metadata={"help": help, **rule})
+
+
+@dataclass
+class Config:
+    dt: float = setting(0.05, "control step [s]", above=0)
+    episode_length_s: float = setting(2.0, "time limit [s]", above=0)
+
+    def conflicts(self):
+        if self.episode_length_s < self.dt:
+            yield "--episode-length-s must be at least one step"
+
+
+TRAIN = dict(hidden=(16, 16))
+CPU_PRESET = dict(num_envs=16, num_steps=8, workers=1, num_minibatches=2, num_epochs=2)
+
+
+class Env:
+    num_obs, num_actions, unit, rates = 2, 1, "point", ("arrivals",)
+
+    def __init__(self, num_envs, device="cpu", seed=0, cfg=None, show_viewer=False, record_camera=False,
+                 check_actions=True):
+        self.num_envs, self.cfg, self.device, self.camera = num_envs, cfg or Config(), torch.device(device), None
+        self.dt, self.max_episode_length = self.cfg.dt, round(self.cfg.episode_length_s / self.cfg.dt)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.x, self.target = torch.zeros(num_envs), torch.zeros(num_envs)
+        self.t, self.sums = torch.zeros(num_envs), torch.zeros(num_envs, 3)
+
+    def set_iteration(self, i):
+        pass
+
+    def _obs(self):
+        return torch.stack((self.target - self.x, self.t / self.max_episode_length), 1)
+
+    def reset(self, random_episode_start=False):
+        self.x.zero_(), self.t.zero_(), self.sums.zero_()
+        self.target = torch.rand(self.num_envs, generator=self.generator) * 2 - 1
+        return self._obs()
+
+    def step(self, actions):
+        gap = (self.target - self.x).abs()
+        self.x = self.x + actions[:, 0].clamp(-1, 1) * self.dt
+        reward = gap - (self.target - self.x).abs()
+        arrived = (self.target - self.x).abs() < 0.05
+        self.t += 1
+        time_outs = (self.t >= self.max_episode_length) & ~arrived
+        done = arrived | time_outs
+        self.sums += torch.stack((reward, torch.ones_like(reward), arrived.float()), 1)
+        episode = {"return": self.sums[:, 0].clone(), "length": self.sums[:, 1].clone(),
+                   "arrivals": self.sums[:, 2].clone()}
+        final_obs = self._obs()
+        new = torch.rand(self.num_envs, generator=self.generator) * 2 - 1
+        self.x, self.t = self.x.masked_fill(done, 0.0), self.t.masked_fill(done, 0.0)
+        self.target, self.sums = torch.where(done, new, self.target), self.sums.masked_fill(done[:, None], 0.0)
+        return self._obs(), reward, done, {"time_outs": time_outs, "final_obs": final_obs, "episode": episode}
+
+    def measure(self):
+        return {"gap": (self.target - self.x).abs()}
+
+
+def describe(cfg):
+    return {"control_rate_hz": round(1 / cfg.dt), "observation": ["target - x", "time"],
+            "action": {"size": 1, "range": [-1.0, 1.0]}}
+'''
+
+
+def test_a_third_task_written_from_the_contract_trains_evaluates_and_exports(tmp_path, monkeypatch):
+    (tmp_path / "point_task.py").write_text(POINT_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.main(["--task", "point_task", "--device", "cpu", "--max-iterations", "2", "--log-dir", str(tmp_path),
+                    "--run-name", "points"])
+    assert "one network for every point" in out.getvalue() and "arrivals/point-min" in out.getvalue()
+    ckpt = str(tmp_path / "points" / "ckpt_0002.pt")
+    report = evaluation.main([ckpt, "--envs", "16", "--seconds", "2"])
+    assert report["task"] == "point_task" and report["points"] == 16 and "mean_gap" in report
+    assert report["arrivals"] >= 0 and (tmp_path / "points" / "ckpt_0002_flight.png").is_file()
+    written = export.main([ckpt, "--formats", "torch", "c"])
+    assert {os.path.basename(p) for p in written} == {"policy.pt2", "policy.h", "policy.c", "policy.json"}
+    assert json.loads((tmp_path / "points" / "ckpt_0002_export" / "policy.json").read_text())["action_size"] == 1
+
+
+# ---------------------------------------------------------------- every task file stands alone
+ALONE = """
+import os, sys, torch
+for folder, module, actions in %r:
+    os.chdir(folder)
+    sys.path.insert(0, folder)
+    sys.modules.pop("env", None)  # (each folder's own copy)
+    e = __import__(module).Env(4, device="cpu", seed=0)
+    e.reset()
+    obs, reward, done, info = e.step(torch.zeros(4, actions))
+    assert obs.shape == (4, e.num_obs) and reward.shape == (4,), module
+    sys.path.remove(folder)
+    print("ok", module)
+"""
+
+
+def test_each_task_file_runs_alone_in_an_empty_folder(tmp_path):
+    """Copied into another project, each task works with torch and genesis only: env.py alone, go2_env.py alone,
+    crazyflie_env.py beside the env.py it builds on (one process, one folder each, nothing else on the path)."""
+    cases = []
+    for name, files, module, actions in (("hover", ["env.py"], "env", 4),
+                                         ("go2", ["examples/go2/go2_env.py"], "go2_env", 12),
+                                         ("crazyflie", ["env.py", "examples/crazyflie/crazyflie_env.py"],
+                                          "crazyflie_env", 4)):
+        os.makedirs(tmp_path / name)
+        for f in files:
+            shutil.copy(os.path.join(ROOT, f), tmp_path / name)
+        cases.append((str(tmp_path / name), module, actions))
+    r = subprocess.run([sys.executable, "-c", ALONE % cases], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.stdout.split() == ["ok", "env", "ok", "go2_env", "ok", "crazyflie_env"], r.stderr[-2000:]
+    assert all(sorted(os.listdir(tmp_path / name)) in ([f], [f, "__pycache__"]) for name, f in
+               (("hover", "env.py"), ("go2", "go2_env.py")))

@@ -9,8 +9,8 @@
 
 The drone, its observations, actions and rewards are env.py's: CrazyflieEnv is HoverEnv with its hooks overridden
 (the motor command, the push, the sensed observation, each episode's draws), so env.py knows nothing of this file.
-Every range (low, high) is drawn per drone at every episode's start, from a generator of its own, so a flight
-under any perturbation flies the same targets as without. README.md in this folder has what the gaps are, how
+Every range (low, high) is drawn per drone at every episode's start, from a generator of its own, so that a
+flight under any perturbation meets the same targets as without. README.md in this folder has what the gaps are, how
 they were measured and what is still left to a real flight.
 """
 import dataclasses
@@ -103,6 +103,8 @@ class Perturbations:
     propeller force and torque, and every push, divided by m: mass_scale is applied that way, through the RPM (thrust
     grows with RPM^2). Genesis's own per-env masses need per-env link storage (RigidOptions.batch_links_info), which
     recompiles and slows down every kernel."""
+
+    STATE = ("rpm_scale", "mass_scale", "lag", "rpm", "delay", "actions", "steps_taken", "wrench", "push_left")
 
     def __init__(self, cfg, num_envs, device, generator, weight, obs_scale, strength=1.0):
         N, self.cfg, self.generator = num_envs, cfg, generator
@@ -206,6 +208,8 @@ class CrazyflieEnv(hover.HoverEnv):
 
     def __init__(self, num_envs, device="cpu", seed=0, cfg=None, **kwargs):
         super().__init__(num_envs, device, seed, cfg or CrazyflieConfig(), **kwargs)
+        # The gaps' own draws: a flight under any of them meets the targets it meets without (eval.py's table).
+        self.perturb_generator = torch.Generator(device=self.device).manual_seed(seed + (1 << 32))
         self._weight_n = float(self.drone.get_mass().reshape(-1)[0]) * 9.81  # mass * g [N] (read once)
         self.perturb = None  # built by reset() from the config, when any perturbation is on
         self._perturb_strength = 1.0  # whole, but in training under cfg.perturb_ramp (set_iteration)
@@ -224,9 +228,12 @@ class CrazyflieEnv(hover.HoverEnv):
         if self.perturb is not None:
             self.perturb.set_strength(self._perturb_strength)
 
-    def reset(self, random_episode_start: bool = False):
-        self.perturb = Perturbations(self.cfg, self.num_envs, self.device, self.generator, self._weight_n,
+    def reset_perturbations(self):  # from the config, as they are (eval.py's flights may change it)
+        self.perturb = Perturbations(self.cfg, self.num_envs, self.device, self.perturb_generator, self._weight_n,
                                      self._obs_scale, self._perturb_strength) if perturbed(self.cfg) else None
+
+    def reset(self, random_episode_start: bool = False):
+        self.reset_perturbations()
         return super().reset(random_episode_start)
 
     def _motor_rpm(self, a):
@@ -243,12 +250,30 @@ class CrazyflieEnv(hover.HoverEnv):
         if self.perturb is not None:
             self.perturb.reset(envs)
 
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.perturb is not None:
+            state["perturb"] = {k: getattr(self.perturb, k) for k in Perturbations.STATE}
+        return state
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        self.reset_perturbations()
+        for k, v in state.get("perturb", {}).items():
+            setattr(self.perturb, k, v.to(self.device) if torch.is_tensor(v) else v)
+
 
 # The task contract's names, for train.py, eval.py and export.py.
 Config, Env = CrazyflieConfig, CrazyflieEnv
 
 
 def describe(cfg: CrazyflieConfig) -> dict:
-    """export.py's policy.json: the hover task's description, and what the policy was trained against."""
+    """export.py's policy.json: the hover task's description, the motors as cf2x.urdf places them (x ahead, y left),
+    the microcontroller and what the policy was trained against."""
+    described = hover.describe(cfg)
+    described["action"]["motors"] = [{"index": i, "position_m": [x, y], "spin": spin} for i, (x, y, spin) in enumerate(
+        [(0.028, -0.028, "CW"), (-0.028, -0.028, "CCW"), (-0.028, 0.028, "CW"), (0.028, 0.028, "CCW")])]
     gaps = {k: getattr(cfg, k) for k in SETTINGS}
-    return {**hover.describe(cfg), "trained_against": gaps if perturbed(cfg) else "none: the simulator's nominal drone"}
+    return {**described, "microcontroller": {"name": "STM32F405 (Crazyflie 2.1)", "flash_bytes": 1024 * 1024,
+                                             "ram_bytes": 192 * 1024, "mhz": 168},
+            "trained_against": gaps if perturbed(cfg) else "none: the simulator's nominal drone"}

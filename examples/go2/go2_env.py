@@ -269,6 +269,18 @@ class Go2Env:
         info = {"time_outs": time_outs, "final_obs": final_obs, "episode": episode, "nonfinite": nonfinite}
         return obs, reward, done, info
 
+    STATE = ("commands", "last_actions", "episode_length", "base_pos", "lin_vel_b", "_sums")  # with qpos, velocity
+
+    def state_dict(self) -> dict:  # what a resumed run needs to step on as this one would (train.py saves it)
+        return {"qpos": self.robot.get_qpos(), "dofs_vel": self.robot.get_dofs_velocity(),
+                **{k: getattr(self, k).clone() for k in self.STATE}}
+
+    def load_state_dict(self, state: dict):
+        self.robot.set_qpos(state["qpos"].to(self.device), zero_velocity=False)
+        self.robot.set_dofs_velocity(state["dofs_vel"].to(self.device))
+        for k in self.STATE:
+            setattr(self, k, state[k].to(self.device))
+
     def measure(self) -> dict:
         """What eval.py records after every step and plots, [N] each: the walking figures."""
         return {"forward_velocity": self.lin_vel_b[:, 0], "forward_velocity_error": self.lin_vel_b[:, 0] -
