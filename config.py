@@ -286,7 +286,7 @@ def load_checkpoint(path) -> Checkpoint:
     except FileNotFoundError:
         raise BadInput(f"no checkpoint at {path}") from None
     except Exception as e:  # a truncated or foreign file: one line, not a traceback
-        raise BadInput(f"{path} is not a checkpoint of this project ({type(e).__name__}: {e})"[:300]) from None
+        raise BadInput(f"{path} is not a checkpoint of this project ({type(e).__name__}: {first_line(e)})") from None
     try:
         if "format" not in state:
             state = upgrade_format_1(state)
@@ -299,7 +299,7 @@ def load_checkpoint(path) -> Checkpoint:
     except BadInput as e:
         raise BadInput(f"{path}: {e}") from None
     except Exception as e:
-        raise BadInput(f"{path} is not a checkpoint of this project ({type(e).__name__}: {e})"[:300]) from None
+        raise BadInput(f"{path} is not a checkpoint of this project ({type(e).__name__}: {first_line(e)})") from None
     if missing:
         raise BadInput(f"{path} is not a whole checkpoint: it lacks {', '.join(sorted(missing))}")
     check(task_cfg)
@@ -314,6 +314,10 @@ FORMAT_1_PERTURBATIONS = dict(motor_lag_s=(0.0, 0.0), action_delay=(0, 0), mass_
                               thrust_scale=(1.0, 1.0), obs_noise=(0.0, 0.0, 0.0, 0.0), push_force=0.0,
                               push_torque=0.0, push_interval_s=(1.0, 2.0), nominal_share=0.0, perturb_ramp=(0, 0))
 FORMAT_1_GAPS = ("motor_lag_s", "action_delay", "mass_scale", "thrust_scale", "obs_noise", "push_force", "push_torque")
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [""])[0][:160]
 
 
 def upgrade_format_1(state):

@@ -125,8 +125,7 @@ class HoverEnv:
         self.episode_length = torch.zeros(N, dtype=torch.int32, device=dev)  # [N] steps into the episode
         self._sums = torch.zeros((), device=dev)  # running per-episode sums, [N, terms + 2] after a step
         # Each reward term's weight times dt, in TERMS's order: one multiply weighs them all (set_iteration: the last)
-        self._reward_weights = torch.tensor([cfg.dt * w for w in (cfg.reward_target, cfg.reward_smooth,
-                                             cfg.reward_yaw, cfg.reward_angular, cfg.reward_crash)], device=dev)
+        self._reward_weights = torch.tensor([cfg.dt * getattr(cfg, f"reward_{t}") for t in TERMS], device=dev)
         self.reward_crash = cfg.reward_crash
 
     # ------------------------------------------------------------------- hooks: what a variant of the drone changes

@@ -123,12 +123,13 @@ def test_train_rejects_missing_cuda_from_the_command_line():
 
 def test_train_rejects_corrupt_and_mismatched_checkpoints(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    for program in (train, evaluation):
-        with pytest.raises(SystemExit) as e:
-            program.main(["--resume", str(bad)] if program is train else [str(bad)])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and "is not a checkpoint of this project" in err and len(err.splitlines()) == 1
+    for content in (b"not a checkpoint", b'{"iteration": 1, "loss"'):  # (torch's error for the second: 10 lines)
+        bad.write_bytes(content)
+        for program in (train, evaluation, export):
+            with pytest.raises(SystemExit) as e:
+                program.main(["--resume", str(bad)] if program is train else [str(bad)])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and "is not a checkpoint of this project" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("1", True), ("yes", True),
@@ -547,32 +548,28 @@ def test_data_parallel_update_equals_single_process_on_the_global_batch():
 
 # ---------------------------------------------------------------- bench.py
 
-def test_bench_runs_every_section_at_a_tiny_size(tmp_path, capsys):
-    """Every section runs, and every ratio it prints is the ratio of the figures it measured in the same run (the
-    figures themselves are timings: they vary, and no test asserts one)."""
+def test_bench_runs_its_sections_and_counts_the_operators_of_a_step(tmp_path, capsys):
+    """Every section but `workers` (which runs `train.py --workers 2`, as the workers test does) runs at a tiny size,
+    and writes what it prints. Its timings vary and no test asserts one; the operators a rollout step dispatches are
+    counted, not timed, and are asserted."""
     import bench
     out = str(tmp_path / "bench.json")
+    sections = [s for s in bench.SECTIONS if s != "workers"]
     results = bench.main(["--num-envs", "8", "--num-steps", "8", "--env-steps", "5", "--iterations", "1",
-                          "--out", out])
+                          "--sections", *sections, "--out", out])
     printed = capsys.readouterr().out
     r = results["sizes"][8]
-    assert r["samples"] == 64 and r["workers"] == 2
-    assert r["env_overhead"] == pytest.approx(r["physics_steps_per_s"] / r["env_steps_per_s"] - 1)
-    assert r["update_ratio_to_floor"] == pytest.approx(r["update_s"] / r["floor_s"])
-    assert r["floor_iteration_s"] == pytest.approx(64 / r["physics_steps_per_s"] + r["floor_s"])
-    assert r["train_ratio_to_floor"] == pytest.approx(r["iteration_s"] / r["floor_iteration_s"])
-    assert r["train_steps_per_s"] == pytest.approx(64 / r["iteration_s"])
-    assert r["workers_ratio_to_floor"] == pytest.approx(r["workers_iteration_s"] / r["floor_iteration_s"])
-    assert r["rollout_steps_per_s"] == pytest.approx(64 / r["rollout_s"]) and 0 < r["optimizer_share"] < 1
-    assert r["memory"]["host_peak_rss_mb"] > 0  # per size; on CUDA also torch's peak and the process's device memory
+    assert r["samples"] == 64 and r["memory"]["host_peak_rss_mb"] > 0
+    assert {"env_overhead", "update_ratio_to_floor", "train_ratio_to_floor", "rollout_steps_per_s"} <= set(r)
+    assert f"ratio {r['update_ratio_to_floor']:.2f}" in printed  # (a consistency check of the printout, no more)
     assert set(results["adam"]) == {"this Adam (flat buffers)", "torch Adam foreach", "torch Adam fused",
                                     "torch Adam for-loop"}
-    assert results["adam"]["torch Adam fused"]["ratio_to_fused"] == 1.0
     ops = r["ops"]  # operators per rollout step, Genesis's own left out
     assert ops["storage.add"]["by_name"] == {"select": 10, "copy_": 10}  # a view and a copy per field
+    assert {k: c["launching"] for k, c in ops.items()} == {"policy.act": 34, "env.step": 79, "storage.add": 10,
+                                                          "EpisodeStats.add": 5}  # EXPERIMENTS.md's counts
     assert set(ops) == {"policy.act", "env.step", "storage.add", "EpisodeStats.add"}
     assert all(0 < c["launching"] <= c["ops"] == sum(c["by_name"].values()) for c in ops.values())
-    assert f"ratio {r['update_ratio_to_floor']:.2f}" in printed and f"ratio {r['train_ratio_to_floor']:.2f}" in printed
     with open(out) as f:
         assert json.load(f)["sizes"]["8"] == json.loads(json.dumps(r))
 
