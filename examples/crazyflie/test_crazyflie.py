@@ -290,13 +290,13 @@ def test_every_condition_flies_the_same_targets(env):
 
 def test_eval_flies_every_perturbation(crazyflie_run, capsys):
     ckpt = str(crazyflie_run / "ckpt_0002.pt")
-    report = evaluation.main([ckpt, "--drones", "8", "--seconds", "1", "--perturbations"])
+    report = evaluation.main([ckpt, "--drones", "8", "--seconds", "0.5", "--perturbations"])
     rows = report["perturbations"]
     assert list(rows) == list(cf.PERTURBATIONS) and set(rows["none"]) == {"targets_per_drone_min",
                                                                           "crashes_per_drone_min", "targets", "crashes"}
     printed = capsys.readouterr().out
     assert all(name in printed for name in rows)
-    chosen = evaluation.main([ckpt, "--drones", "8", "--seconds", "1", "--perturbations", "none",
+    chosen = evaluation.main([ckpt, "--drones", "8", "--seconds", "0.5", "--perturbations", "none",
                               "realistic (all at once)"])["perturbations"]
     assert chosen == {name: rows[name] for name in ("none", "realistic (all at once)")}
 

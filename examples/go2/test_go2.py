@@ -206,8 +206,8 @@ def go2_run(tmp_path_factory):
     """The same loop on 8 Go2 robots, with the example's network (512-256-128 ELU): 2 iterations."""
     log_dir = str(tmp_path_factory.mktemp("runs"))
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        train.main(["--task", "go2", *TINY, "--max-iterations", "2", "--hidden", "512", "256", "128",
-                    "--activation", "elu", "--log-dir", log_dir, "--run-name", "go2"])
+        train.main(["--task", "go2", *TINY, "--max-iterations", "2", "--save-interval", "1", "--hidden", "512", "256",
+                    "128", "--activation", "elu", "--log-dir", log_dir, "--run-name", "go2"])
     return os.path.join(log_dir, "go2"), out.getvalue()
 
 
@@ -227,15 +227,17 @@ def test_train_runs_the_go2_task_through_the_same_loop(go2_run):
     assert e.value.code == 2
 
 
-def test_a_resumed_go2_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
-    """1 iteration and a resume for 1 more equal 2: the robots' contacts go on where they were (both runs save, and
-    write their envs back, at the same iterations)."""
-    flags = ["--task", "go2", *TINY, "--num-steps", "4", "--hidden", "32", "32", "--log-dir", str(tmp_path)]
+def test_a_resumed_go2_run_repeats_the_uninterrupted_one_bit_for_bit(go2_run, tmp_path):
+    """Resumed from its first iteration's checkpoint, the run repeats its second iteration: the robots' contacts go
+    on where they were (both runs save, and write their envs back, at the same iterations)."""
+    run_dir, _ = go2_run
+    state = torch.load(os.path.join(run_dir, "ckpt_0001.pt"), weights_only=True)
+    state["config"].update(log_dir=str(tmp_path), run_name="resumed")
+    os.makedirs(tmp_path / "resumed")
+    torch.save(state, tmp_path / "resumed" / "ckpt_0001.pt")
     with contextlib.redirect_stdout(io.StringIO()):
-        train.main(flags + ["--max-iterations", "2", "--save-interval", "1", "--run-name", "two"])
-        train.main(flags + ["--max-iterations", "1", "--save-interval", "1", "--run-name", "one"])
-        train.main(["--resume", str(tmp_path / "one" / "ckpt_0001.pt"), "--max-iterations", "2"])
-    assert_same_run(tmp_path / "two", tmp_path / "one", 1, 2)
+        train.main(["--resume", str(tmp_path / "resumed" / "ckpt_0001.pt"), "--max-iterations", "2"])
+    assert_same_run(run_dir, tmp_path / "resumed", 2, 2)
 
 
 def test_eval_reports_the_walking_figures_of_a_go2_checkpoint(go2_run, go2, capsys):
