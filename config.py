@@ -60,7 +60,8 @@ def rule_broken(f, value):
     if isinstance(default, tuple):
         n = rule.get("length", len(default))
         if not isinstance(value, tuple) or not value or (n is not None and len(value) != n):
-            return f"takes {n or 'one or more'} values, got {' '.join(map(repr, value)) or 'none'}"
+            shown = " ".join(map(repr, value)) if isinstance(value, tuple) else repr(value)
+            return f"takes {n or 'one or more'} values, got {shown or 'none'}"
         if rule.get("ordered") and value[0] > value[1]:
             return f"must be a range LOW HIGH with LOW <= HIGH, got {' '.join(map(repr, value))}"
     for x in value if isinstance(value, tuple) else (value,):
@@ -146,8 +147,9 @@ def task_module(name):
     """The module of a task: an alias of TASKS or a module path; it must keep the task contract's names."""
     try:
         module = importlib.import_module(TASKS.get(name, name))
-    except ImportError as e:
-        raise BadInput(f"no task {name!r} ({e}): use {', '.join(TASKS)} or a module path such as examples.go2.go2_env")
+    except (ImportError, TypeError, ValueError) as e:  # (no such module; an empty or relative name)
+        raise BadInput(f"no task {name!r} ({first_line(e)}): use {', '.join(TASKS)} or a module path such as "
+                       f"examples.go2.go2_env") from None
     missing = [n for n in ("Config", "Env", "TRAIN", "CPU_PRESET") if not hasattr(module, n)]
     if missing:
         raise BadInput(f"the module {module.__name__} is no task: it lacks {', '.join(missing)} (README, 'Your own "
@@ -168,15 +170,19 @@ def train_settings(argv, TrainConfig, description, say=print) -> TrainSettings:
     first.add_argument("--task")
     first.add_argument("--resume")
     known, resume = first.parse_known_args(argv)[0], None
-    if known.resume:
+    if known.resume is not None:
         resume = load_checkpoint(known.resume)
-        if known.task not in (None, resume.settings["task"]):
+        if known.task is not None and task_module(known.task) is not resume.task:
             raise BadInput(f"{known.resume} is a checkpoint of the {resume.settings['task']} task, not of {known.task}")
-    task = resume.task if resume else task_module(known.task or TrainConfig.task)
+    task = resume.task if resume else task_module(TrainConfig.task if known.task is None else known.task)
     clash = field_names(TrainConfig) & field_names(task.Config)
     if clash:
         raise BadInput(f"{task.__name__}.Config's settings {', '.join(sorted(clash))} have the names of train.py's: "
                        f"rename them")
+    unknown = (set(task.TRAIN) | set(task.CPU_PRESET)) - field_names(TrainConfig) - field_names(task.Config)
+    if unknown:
+        raise BadInput(f"{task.__name__}'s TRAIN or CPU_PRESET names settings that do not exist: "
+                       f"{', '.join(sorted(unknown))}")
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=f"Without CUDA, a fresh run starts from the task's CPU preset: {flags_text(task.CPU_PRESET)}")
     add_flags(p, "training", TrainConfig, task.TRAIN)
@@ -215,6 +221,10 @@ def check_resumable(ckpt, cfg):
     except RuntimeError as e:
         raise BadInput(f"the checkpoint's network does not match this configuration: "
                        f"{str(e).splitlines()[0][:200]}") from None
+    saved = ckpt.settings["num_envs"]
+    if cfg.num_envs != saved and any("env" in worker for worker in ckpt.state["workers"]):
+        raise BadInput(f"--num-envs must stay {saved} on resume: the checkpoint holds the state of {saved} envs per "
+                       f"worker")
     done, kind = ckpt.state["iteration"], torch.device(ckpt.settings["device"]).type
     if done >= cfg.max_iterations:
         raise BadInput(f"the checkpoint has trained its {done} iterations: resume with --max-iterations above {done}")
@@ -292,17 +302,18 @@ def load_checkpoint(path) -> Checkpoint:
             state = upgrade_format_1(state)
         if state["format"] > FORMAT:
             raise BadInput(f"{path} was written by a newer version of this project (format {state['format']})")
+        missing = {"iteration", "elapsed_s", "config", "task_config", "policy", "optimizer", "workers"} - set(state)
+        if missing:
+            raise BadInput(f"it is not a whole checkpoint: it lacks {', '.join(sorted(missing))}")
         settings = state["config"]
         task = task_module(settings["task"])
         task_cfg = from_dict(task.Config, state["task_config"])
-        missing = {"iteration", "elapsed_s", "policy", "optimizer", "workers"} - set(state)
+        check(task_cfg)
+        build_policy(settings, task.Env.num_obs, task.Env.num_actions).load_state_dict(state["policy"])
     except BadInput as e:
         raise BadInput(f"{path}: {e}") from None
-    except Exception as e:
+    except Exception as e:  # a setting of another type, a network that does not fit its settings, ...
         raise BadInput(f"{path} is not a checkpoint of this project ({type(e).__name__}: {first_line(e)})") from None
-    if missing:
-        raise BadInput(f"{path} is not a whole checkpoint: it lacks {', '.join(sorted(missing))}")
-    check(task_cfg)
     return Checkpoint(state, settings, task, task_cfg)
 
 

@@ -1,6 +1,6 @@
 """pytest's set-up for every test file: Genesis's performance mode off, for this process and every process the
 tests start (a cached scene then builds in seconds whatever its number of envs: env.init_genesis), and one scene
-of 8 drones for the whole run, which the drone's tests and the tools' share."""
+of 8 drones that the drone's tests and the tools' share (training runs build their own)."""
 import os
 
 import pytest

@@ -58,8 +58,8 @@ class HoverConfig:
     camera_fov: float = setting(30.0, "its field of view [deg]", above=0, below=180)
 
     def conflicts(self):  # what is wrong between settings (config.py checks each field's own rule first)
-        if self.episode_length_s < self.dt:
-            yield f"--episode-length-s must be at least one step (--dt {self.dt}), got {self.episode_length_s}"
+        if not 1 <= self.episode_length_s / self.dt < 2 ** 31:
+            yield f"--episode-length-s must be 1 to 2^31 steps (--dt {self.dt}), got {self.episode_length_s}"
         if any(lo > hi for lo, hi in zip(self.target_low, self.target_high)):
             yield f"--target-low must be <= --target-high on every axis, got {self.target_low} and {self.target_high}"
         if self.init_pos[2] <= self.crash_min_height:
@@ -181,8 +181,7 @@ class HoverEnv:
         time_outs [N] bool   truncated at max_episode_length (the trainer bootstraps these from final_obs)
         final_obs [N, 17]    observation before the reset (equals obs where not done)
         nonfinite [N] bool   physics went NaN/inf: ends the episode, not as a crash, with zero reward
-        episode              [N] sums over the episode: return, length (steps), targets (reached), crashes (0 or
-                             1), reward_<term>. Where done, the finished episode's; elsewhere, the running ones."""
+        episode              [N] per-episode sums: return, length, targets, crashes, reward_<term> (whole where done)"""
         validate_actions(self, actions)
         cfg = self.cfg
         a = actions.clamp(-1.0, 1.0)  # [N, 4]
@@ -274,9 +273,11 @@ Config, Env = HoverConfig, HoverEnv
 
 # ------------------------------------------------------------------------------------------------------------ helpers
 def init_genesis(device: torch.device):
-    """Genesis runs one backend per process: start it on `device` (cpu or cuda[:K]), or check that it runs there.
+    """Genesis runs one backend per process: start it on `device`, or check that it runs there.
     GS_PERFORMANCE_MODE=0 turns off its kernels compiled per number of envs, as the tests do (EXPERIMENTS.md)."""
     import genesis as gs
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:K]', got '{device}'")
     if not gs._initialized:
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device.index)  # Genesis runs on the current CUDA device

@@ -4,7 +4,8 @@
     python -m pytest                    every test: these, then tests/ (the drone task and the tools) and each
                                         example's own beside it (examples/go2/, examples/crazyflie/)
 
-The Genesis tests build one scene per task for the whole run, with Genesis's performance mode off (conftest.py).
+The Genesis tests share one drone scene for the run and build the others as they train, with Genesis's performance
+mode off (conftest.py): a cached scene then builds in seconds.
 """
 import copy
 import json

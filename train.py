@@ -47,7 +47,8 @@ class TrainConfig:
     log_dir: str = setting("runs", "each run writes config.json, metrics.jsonl and checkpoints to log_dir/run_name")
     run_name: str = setting("", "the run's directory name; empty: a timestamp")
     save_interval: int = setting(50, "iterations between checkpoints (one is always written at the end)", low=1)
-    hidden: tuple = setting((128, 128), "hidden layer widths of the actor and of the critic", low=1, length=None)
+    hidden: tuple = setting((128, 128), "hidden layer widths of the actor and of the critic", low=1, high=8192,
+                            length=None)
     activation: str = setting("tanh", "the hidden layers' activation", choices=tuple(ACTIVATIONS))
     init_std: float = setting(1.0, "initial std of the action noise (learned from there)", above=0)
     min_std: float = setting(0.0, "floor of the action noise's std (0: none)", low=0)
@@ -65,6 +66,9 @@ class TrainConfig:
         if self.num_envs * self.num_steps % self.ppo.num_minibatches:
             yield (f"--num-minibatches {self.ppo.num_minibatches} does not divide the batch of {self.num_envs} envs "
                    f"x {self.num_steps} steps = {self.num_envs * self.num_steps} samples")
+        if self.num_envs * self.num_steps > 2 ** 25:
+            yield (f"--num-envs x --num-steps must be at most 2^25 samples per worker (memory), got "
+                   f"{self.num_envs} x {self.num_steps}")
         if self.workers > 1 and self.device != "cpu":
             yield "--workers is for CPU runs; on GPUs start one process per GPU with torchrun --nproc_per_node=GPUS"
 

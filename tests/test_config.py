@@ -123,8 +123,29 @@ def test_every_flag_refuses_what_breaks_its_rule_in_one_line(task, cls):
 
 
 def test_the_rules_accept_every_default_and_preset():
+    """Each task's settings with its CPU preset (a CPU run) and with its TRAIN alone (a GPU run's)."""
     for task in ("hover", "crazyflie", "go2"):
         assert refused(task, []) is None
+        module = config.task_module(task)
+        split = {name: {k: v for k, v in module.TRAIN.items() if k in {f.name for f in dataclasses.fields(cls)}}
+                 for name, cls in (("train", train.TrainConfig), ("ppo", PPOConfig), ("task", module.Config))}
+        config.check(dataclasses.replace(train.TrainConfig(), ppo=PPOConfig(**split["ppo"]), **split["train"]))
+        config.check(module.Config(**split["task"]))
+
+
+def test_a_typo_in_a_tasks_presets_is_named(monkeypatch):
+    monkeypatch.setattr(hover, "CPU_PRESET", dict(hover.CPU_PRESET, num_env=4))
+    assert "TRAIN or CPU_PRESET names settings that do not exist: num_env" in refused("hover", [])
+
+
+def test_a_checkpoint_with_a_setting_of_another_type_is_refused_in_one_line(tmp_path, hover_checkpoint):
+    for change in (dict(dt="0.01"), dict(init_pos=1.0)):
+        state = torch.load(hover_checkpoint, weights_only=True)
+        state["task_config"].update(change)
+        torch.save(state, tmp_path / "typed.pt")
+        with pytest.raises(config.BadInput) as e:
+            config.load_checkpoint(str(tmp_path / "typed.pt"))
+        assert "\n" not in str(e.value) and "typed.pt" in str(e.value)
 
 
 @pytest.mark.parametrize("flags, message", [

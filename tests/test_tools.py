@@ -66,7 +66,7 @@ def settings(*flags):
     (["--crash-ramp", "100"], "--crash-ramp takes 2 values, got 100"),
     (["--dt", "0"], "--dt must be > 0, got 0.0"),
     (["--episode-length-s", "0"], "--episode-length-s must be > 0, got 0.0"),
-    (["--episode-length-s", "0.001"], "--episode-length-s must be at least one step (--dt 0.01)"),
+    (["--episode-length-s", "0.001"], "--episode-length-s must be 1 to 2^31 steps (--dt 0.01)"),
     (["--init-pos", "0", "0"], "--init-pos takes 3 values, got 0.0 0.0"),
     (["--init-pos", "0", "0", "0.05"], "--init-pos must start above --crash-min-height 0.1"),
     (["--target-low", "0", "0"], "--target-low takes 3 values"),
@@ -89,6 +89,12 @@ def settings(*flags):
     (["--task", "go2", "--progress-speed-cap", "1"], "unrecognized arguments: --progress-speed-cap 1"),
     (["--task", "go2", "--default-joint-angles", "0", "1"], "--default-joint-angles takes 12 values"),
     (["--eval", "runs/x/ckpt_0010.pt"], "unrecognized arguments: --eval"),
+    (["--task", ""], "no task ''"),
+    (["--task", ".foo"], "no task '.foo'"),
+    (["--resume", ""], "no checkpoint at"),
+    (["--episode-length-s", "1e8"], "--episode-length-s must be 1 to 2^31 steps"),
+    (["--hidden", "100000"], "--hidden must be <= 8192, got 100000"),
+    (["--num-envs", "1048576", "--num-steps", "10000"], "must be at most 2^25 samples per worker"),
 ])
 def test_train_rejects_bad_settings_before_genesis(flags, message, capsys, monkeypatch):
     monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
@@ -121,10 +127,13 @@ def test_train_rejects_missing_cuda_from_the_command_line():
     assert r.stdout.strip() == "False"
 
 
-def test_train_rejects_corrupt_and_mismatched_checkpoints(tmp_path, capsys):
+def test_train_rejects_corrupt_and_mismatched_checkpoints(smoke_run, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
-    for content in (b"not a checkpoint", b'{"iteration": 1, "loss"'):  # (torch's error for the second: 10 lines)
-        bad.write_bytes(content)
+    state = torch.load(os.path.join(smoke_run, "ckpt_0002.pt"), weights_only=True)
+    state["config"]["hidden"] = [64, 64]  # weights that do not fit the settings saved with them
+    torch.save(state, tmp_path / "misfit.pt")
+    for content in (b"not a checkpoint", b'{"iteration": 1, "loss"', (tmp_path / "misfit.pt").read_bytes()):
+        bad.write_bytes(content)  # (torch's error for the second: 10 lines)
         for program in (train, evaluation, export):
             with pytest.raises(SystemExit) as e:
                 program.main(["--resume", str(bad)] if program is train else [str(bad)])
@@ -281,7 +290,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
     assert_same_run(tmp_path / "four", tmp_path / "two", 1, 4)
 
 
-def test_resume_refuses_a_finished_run_and_another_device_kind(smoke_run, tmp_path, capsys, monkeypatch):
+def test_resume_refuses_a_finished_run_other_envs_and_another_device_kind(smoke_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
     for flags, message in ((["--max-iterations", "2"], "the checkpoint has trained its 2 iterations: resume with "
                                                        "--max-iterations above 2"),
@@ -289,6 +298,9 @@ def test_resume_refuses_a_finished_run_and_another_device_kind(smoke_run, tmp_pa
         with pytest.raises(SystemExit) as e:
             train.main(["--resume", os.path.join(smoke_run, "ckpt_0002.pt"), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", os.path.join(smoke_run, "ckpt_0002.pt"), "--max-iterations", "3", "--num-envs", "16"])
+    assert e.value.code == 2 and "--num-envs must stay 8 on resume" in capsys.readouterr().err
     state = torch.load(os.path.join(smoke_run, "ckpt_0002.pt"), weights_only=True)
     state["config"]["device"] = "cuda"
     torch.save(state, tmp_path / "gpu.pt")
@@ -446,11 +458,12 @@ def test_eval_flies_the_task_the_checkpoint_was_trained_on(smoke_run, tmp_path, 
     class Built(Exception):
         pass
 
-    def record_the_task(*args, cfg, **kwargs):  # stands in for HoverEnv: no scene is built
-        built.append(cfg)
-        raise Built
+    class RecordTheTask(env_module.HoverEnv):  # stands in for HoverEnv: no scene is built
+        def __init__(self, *args, cfg, **kwargs):
+            built.append(cfg)
+            raise Built
 
-    monkeypatch.setattr(env_module, "Env", record_the_task)
+    monkeypatch.setattr(env_module, "Env", RecordTheTask)
     with pytest.raises(Built):
         evaluation.main([str(tmp_path / "example_scale.pt")])
     assert built[0].obs_ang_vel_scale == 1 / 3.14159 and built[0].reward_target == HoverConfig().reward_target
@@ -469,7 +482,11 @@ def test_eval_flies_the_task_the_checkpoint_was_trained_on(smoke_run, tmp_path, 
     (["CKPT", "--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])
 def test_eval_rejects_bad_input_in_one_line(flags, message, capsys, smoke_run, monkeypatch):
-    monkeypatch.setattr(env_module, "Env", lambda *args, **kwargs: pytest.fail("a scene was built"))
+    class NoScene(env_module.HoverEnv):
+        def __init__(self, *args, **kwargs):
+            pytest.fail("a scene was built")
+
+    monkeypatch.setattr(env_module, "Env", NoScene)
     flags = [os.path.join(smoke_run, "ckpt_0002.pt") if f == "CKPT" else f for f in flags]
     with pytest.raises(SystemExit) as e:
         evaluation.main(flags)

@@ -3,7 +3,7 @@
     policy.act(obs) -> [env.step(actions): the motors' delay and lag, mass and thrust errors, pushes; noisy
                         sensors] -> storage -> PPO -> Adam
 
-    python train.py --task crazyflie          trains against all of it (RANDOMIZED: the defaults of this task)
+    python train.py --task crazyflie          trains against all of it (the defaults of CrazyflieConfig)
     python eval.py CKPT --perturbations       flies a drone checkpoint through each gap, then all at once
     python eval.py HOVER_CKPT --task crazyflie --perturbations     the same for a policy trained without them
 
@@ -127,7 +127,8 @@ class Perturbations:
 
     def set_strength(self, strength):
         """strength in [0, 1] (a Python float: no sync): every range shrunk toward the nominal drone, 0 for none,
-        1 for the ranges of cfg (perturb_ramp's curriculum). It holds for the episodes that start after."""
+        1 for the ranges of cfg (perturb_ramp's curriculum). The draws per episode (mass, thrust, lag, delay) take it
+        at the episodes that start after; the noise and the pushes, drawn every step, at once."""
         self.strength = strength
         self.noise = self.whole_noise * strength
         self.turn = self.whole_turn * strength
@@ -257,9 +258,14 @@ class CrazyflieEnv(hover.HoverEnv):
         return state
 
     def load_state_dict(self, state: dict):
+        """The drones fly on with the gaps their episodes drew. Settings changed on resume reach the episodes that
+        start after; a ring of delayed actions of another length starts anew (hover), its delays with it."""
         super().load_state_dict(state)
         self.reset_perturbations()
-        for k, v in state.get("perturb", {}).items():
+        saved = state.get("perturb", {}) if self.perturb is not None else {}
+        if saved and saved["actions"].shape != self.perturb.actions.shape:
+            saved = {k: v for k, v in saved.items() if k not in ("actions", "delay", "steps_taken")}
+        for k, v in saved.items():
             setattr(self.perturb, k, v.to(self.device) if torch.is_tensor(v) else v)
 
 

@@ -305,9 +305,12 @@ def test_eval_flies_a_hover_checkpoint_in_this_task(crazyflie_run, tmp_path, cap
     """A hover checkpoint has no perturbations of its own; with --task crazyflie it flies them, its own settings
     kept (the example's reward), the gaps each condition's."""
     ckpt = config.load_checkpoint(str(crazyflie_run / "ckpt_0002.pt"))
-    hover_cfg = {k: v for k, v in dataclasses.asdict(ckpt.task_cfg).items() if k in hover.HoverConfig.__annotations__}
-    state = dict(ckpt.state, config=dict(ckpt.settings, task="hover"), task_config=hover_cfg)
+    state = dict(ckpt.state, config=dict(ckpt.settings, task="hover"),
+                 task_config=dataclasses.asdict(hover.HoverConfig()))
     torch.save(state, tmp_path / "hover.pt")
+    args = evaluation.parse_args([str(tmp_path / "hover.pt"), "--task", "crazyflie", "--perturbations", "none"])
+    task, task_cfg = evaluation.fly_as(config.load_checkpoint(str(tmp_path / "hover.pt")), args)
+    assert task is cf and (task_cfg.reward_target, task_cfg.progress_per_metre) == (10.0, False)  # its own reward
     with pytest.raises(SystemExit) as e:
         evaluation.main([str(tmp_path / "hover.pt"), "--perturbations"])
     assert e.value.code == 2 and "--task crazyflie" in capsys.readouterr().err

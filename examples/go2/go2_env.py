@@ -78,8 +78,8 @@ class Go2Config:
         """What is wrong between settings, one line each (config.py checks each field's own rule first)."""
         if len(set(self.joint_names)) != len(self.joint_names):
             yield f"--joint-names must name each joint once, got {' '.join(self.joint_names)}"
-        if self.episode_length_s < self.dt or self.command_resample_s < self.dt:
-            yield (f"--episode-length-s and --command-resample-s must be at least one step (--dt {self.dt}), got "
+        if not all(1 <= t / self.dt < 2 ** 31 for t in (self.episode_length_s, self.command_resample_s)):
+            yield (f"--episode-length-s and --command-resample-s must be 1 to 2^31 steps (--dt {self.dt}), got "
                    f"{self.episode_length_s} and {self.command_resample_s}")
         if any(lo > hi for lo, hi in zip(self.command_low, self.command_high)):
             yield f"--command-low must be <= --command-high, got {self.command_low} and {self.command_high}"

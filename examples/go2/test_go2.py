@@ -191,7 +191,7 @@ def test_go2_describe_lists_every_observation():
 
 
 def test_go2_settings_are_checked_before_genesis():
-    for flags, message in ((["--command-resample-s", "0.005"], "--command-resample-s must be at least one step"),
+    for flags, message in ((["--command-resample-s", "0.005"], r"--command-resample-s must be 1 to 2\^31 steps"),
                            (["--joint-names", *go2_module.JOINTS[:11], "FR_hip_joint"], "name each joint once"),
                            (["--default-joint-angles", "0", "1"], "--default-joint-angles takes 12 values"),
                            (["--joint-names", *go2_module.JOINTS[:11], "tail"], "--joint-names must be one of")):
@@ -211,7 +211,7 @@ def go2_run(tmp_path_factory):
     return os.path.join(log_dir, "go2"), out.getvalue()
 
 
-def test_train_runs_the_go2_task_through_the_same_loop(go2_run):
+def test_train_runs_the_go2_task_through_the_same_loop(go2_run, capsys):
     run_dir, out = go2_run
     ckpt = config.load_checkpoint(os.path.join(run_dir, "ckpt_0002.pt"))
     assert ckpt.settings["task"] == "go2" and ckpt.task_cfg == Go2Config() and ckpt.state["iteration"] == 2
@@ -223,8 +223,8 @@ def test_train_runs_the_go2_task_through_the_same_loop(go2_run):
     with open(os.path.join(run_dir, "config.json")) as f:
         assert json.load(f)["task_config"]["kp"] == 20.0
     with pytest.raises(SystemExit) as e:  # a checkpoint resumes only as its own task
-        train.main(["--task", "hover", "--resume", os.path.join(run_dir, "ckpt_0002.pt")])
-    assert e.value.code == 2
+        train.main(["--task", "hover", "--resume", os.path.join(run_dir, "ckpt_0002.pt"), "--max-iterations", "3"])
+    assert e.value.code == 2 and "is a checkpoint of the go2 task, not of hover" in capsys.readouterr().err
 
 
 def test_a_resumed_go2_run_repeats_the_uninterrupted_one_bit_for_bit(go2_run, tmp_path):
