@@ -1,11 +1,12 @@
 """The Crazyflie as a real one flies: the hover task with what the simulator leaves out, drawn per drone.
 
-    policy.act(obs) -> [env.step(actions): the motors' delay and lag, mass and thrust errors, pushes; noisy
-                        sensors] -> storage -> PPO -> Adam
+    policy.act(obs) -> [env.step(actions): the motors' delay, lag and full thrust, mass and thrust errors, pushes;
+                        noisy sensors] -> storage -> PPO -> Adam
 
     python train.py --task crazyflie          trains against all of it (the defaults of CrazyflieConfig)
     python eval.py CKPT --perturbations       flies a drone checkpoint through each gap, then all at once
     python eval.py HOVER_CKPT --task crazyflie --perturbations     the same for a policy trained without them
+    python examples/crazyflie/preflight.py CKPT   its C controller in MuJoCo, under them: PASS or FAIL (README.md)
 
 The drone, its observations, actions and rewards are env.py's: CrazyflieEnv is HoverEnv with its hooks overridden
 (the motor command, the push, the sensed observation, each episode's draws), so env.py knows nothing of this file.
@@ -33,10 +34,14 @@ class CrazyflieConfig(hover.HoverConfig):
     """The hover task's settings, and the gaps to a real Crazyflie. The defaults are what `--task crazyflie` trains
     against, each for a reason measured in EXPERIMENTS.md ("The Crazyflie task"): the motors' ranges stop short of
     the worst conditions flown, grow from the nominal drone over iterations 50-150, and a tenth of the episodes fly
-    the nominal drone; progress is paid per metre, so that drones do not dawdle near a target."""
+    the nominal drone; the motors' thrust is capped where cf2x.urdf says it ends (Genesis's is not); progress is paid
+    per metre, so that drones do not dawdle near a target."""
 
-    motor_lag_s: tuple = setting((0.015, 0.08), "time constant of each propeller's first-order RPM response [s]",
+    motor_lag_s: tuple = setting((0.015, 0.1), "time constant of each propeller's first-order RPM response [s]",
                                  low=0, ordered=True)
+    thrust_to_weight: float = setting(2.25, "the motors' full thrust over the weight (cf2x.urdf's thrust2weight): "
+                                            "each propeller's RPM is capped at hover_rpm * sqrt(this); 0: no cap",
+                                      low=0)
     action_delay: tuple = setting((0, 1), "control steps an action takes to reach the motors", low=0, high=50,
                                   ordered=True)
     mass_scale: tuple = setting((0.9, 1.2), "the drone's mass and inertia times this", above=0, ordered=True)
@@ -59,17 +64,25 @@ class CrazyflieConfig(hover.HoverConfig):
                                              "pay per m/s near the target as far from it")
     reward_target: float = setting(20.0, "progress toward the target (per metre: the squared distances' pay at 1 m)")
 
+    def conflicts(self):
+        yield from super().conflicts()
+        if 0 < self.thrust_to_weight <= 1:
+            yield f"--thrust-to-weight must be above 1 (to hover) or 0 (no cap), got {self.thrust_to_weight}"
+
 
 # eval.py --perturbations: each gap alone, then all at once ("realistic"). Each sets every perturbation setting, so
 # nothing of the training ranges is left in a flight. The reference that flew a real Crazyflie from simulation
 # (RLtools, "Learning to Fly in Seconds") trained against a 0.15 s motor time constant, noise and pushes of ~5 %.
 UNPERTURBED = dict(motor_lag_s=(0.0, 0.0), action_delay=(0, 0), mass_scale=(1.0, 1.0), thrust_scale=(1.0, 1.0),
-                   obs_noise=(0.0, 0.0, 0.0, 0.0), push_force=0.0, push_torque=0.0, nominal_share=0.0)
+                   obs_noise=(0.0, 0.0, 0.0, 0.0), push_force=0.0, push_torque=0.0, nominal_share=0.0,
+                   thrust_to_weight=0.0)
+CAP = dict(thrust_to_weight=2.25)  # the motors of cf2x.urdf, which Genesis's drone does not limit
 PERTURBATIONS = {name: {**UNPERTURBED, **change} for name, change in {
     "none": {},
     "motor lag 0.03 s": dict(motor_lag_s=(0.03, 0.03)),
     "motor lag 0.08 s": dict(motor_lag_s=(0.08, 0.08)),
     "motor lag 0.15 s": dict(motor_lag_s=(0.15, 0.15)),
+    "thrust capped at 2.25 x weight": CAP,
     "delay 1 step (10 ms)": dict(action_delay=(1, 1)),
     "delay 2 steps (20 ms)": dict(action_delay=(2, 2)),
     "mass +20 %": dict(mass_scale=(1.2, 1.2)),
@@ -78,7 +91,7 @@ PERTURBATIONS = {name: {**UNPERTURBED, **change} for name, change in {
     "observation noise": dict(obs_noise=NOISE),
     "pushes": PUSH,
     "realistic (all at once)": dict(motor_lag_s=(0.05, 0.05), action_delay=(1, 1), mass_scale=(1.1, 1.1),
-                                    thrust_scale=(0.9, 0.9), obs_noise=NOISE, **PUSH),
+                                    thrust_scale=(0.9, 0.9), obs_noise=NOISE, **PUSH, **CAP),
 }.items()}
 SETTINGS = (*UNPERTURBED, "push_interval_s", "perturb_ramp")  # what perturb() may change between flights
 
@@ -86,7 +99,8 @@ SETTINGS = (*UNPERTURBED, "push_interval_s", "perturb_ramp")  # what perturb() m
 def perturbed(cfg) -> bool:
     """Is any of what the simulator leaves out switched on in cfg?"""
     return (cfg.motor_lag_s[1] > 0 or cfg.action_delay[1] > 0 or tuple(cfg.mass_scale) != (1.0, 1.0)
-            or tuple(cfg.thrust_scale) != (1.0, 1.0) or any(cfg.obs_noise) or cfg.push_force > 0 or cfg.push_torque > 0)
+            or tuple(cfg.thrust_scale) != (1.0, 1.0) or any(cfg.obs_noise) or cfg.push_force > 0 or cfg.push_torque > 0
+            or cfg.thrust_to_weight > 0)
 
 
 def quat_mul(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -104,7 +118,8 @@ class Perturbations:
     grows with RPM^2). Genesis's own per-env masses need per-env link storage (RigidOptions.batch_links_info), which
     recompiles and slows down every kernel."""
 
-    STATE = ("rpm_scale", "mass_scale", "lag", "rpm", "delay", "actions", "steps_taken", "wrench", "push_left")
+    STATE = ("rpm_scale", "mass_scale", "lag", "mean_lag", "rpm", "delay", "actions", "steps_taken", "wrench",
+             "push_left")
 
     def __init__(self, cfg, num_envs, device, generator, weight, obs_scale, strength=1.0):
         N, self.cfg, self.generator = num_envs, cfg, generator
@@ -117,6 +132,8 @@ class Perturbations:
         self.rpm_scale = torch.ones(N, 1, device=device)  # sqrt(thrust_scale / mass_scale)
         self.mass_scale = torch.ones(N, 1, device=device)
         self.lag = torch.ones(N, 1, device=device)  # the RPM's step toward its command: 1 - exp(-dt / tau)
+        self.mean_lag = torch.ones(N, 1, device=device)  # ... and its mean over the step: 1 - tau / dt * lag
+        self.max_rpm = cfg.hover_rpm * math.sqrt(cfg.thrust_to_weight) if cfg.thrust_to_weight else math.inf
         self.rpm = torch.full((N, 4), cfg.hover_rpm, device=device)  # the propellers' RPM now
         self.delay = torch.zeros(N, dtype=torch.long, device=device)  # in control steps
         self.actions = torch.zeros(cfg.action_delay[1] + 1, N, 4, device=device)  # the last few actions, a ring
@@ -153,7 +170,9 @@ class Perturbations:
             tau, delay = tau.masked_fill(nominal, 0.0), delay.masked_fill(nominal[:, 0], 0)
         self.mass_scale = torch.where(mask, mass, self.mass_scale)
         self.rpm_scale = torch.where(mask, (thrust / mass).sqrt(), self.rpm_scale)
-        self.lag = torch.where(mask, -torch.expm1(-cfg.dt / tau.clamp(min=1e-9)), self.lag)  # tau 0: instant
+        lag = -torch.expm1(-cfg.dt / tau.clamp(min=1e-9))  # tau 0: instant
+        self.lag = torch.where(mask, lag, self.lag)
+        self.mean_lag = torch.where(mask, 1 - tau / cfg.dt * lag, self.mean_lag)
         self.rpm.masked_fill_(mask, cfg.hover_rpm)  # a new episode starts hovering
         if self.strength < 1:
             delay = delay.mul(self.strength).round_().long()
@@ -163,16 +182,20 @@ class Perturbations:
 
     def motors(self, actions):
         """actions [N, 4] this step -> the RPM the propellers turn at [N, 4]: each drone's action `delay` steps
-        old, mapped to RPM, followed with the motors' lag, scaled for thrust and mass."""
+        old, mapped to RPM, capped at the motors' full thrust, followed with the motors' lag (the mean RPM over the
+        step, as a motor that turns continuously gives it; self.rpm is the RPM at the step's end), scaled for thrust
+        and mass."""
         cfg = self.cfg
         if cfg.action_delay[1] > 0:
             self.steps_taken += 1
             ring = self.actions.shape[0]
             self.actions[self.steps_taken % ring] = actions
             actions = self.actions[(self.steps_taken - self.delay) % ring, self.arange]  # [N, 4]
-        command = actions.mul(cfg.rpm_gain * cfg.hover_rpm).add_(cfg.hover_rpm)
+        command = actions.mul(cfg.rpm_gain * cfg.hover_rpm).add_(cfg.hover_rpm).clamp_(max=self.max_rpm)
         if cfg.motor_lag_s[1] > 0:
-            command = self.rpm.add_(self.lag * (command - self.rpm))
+            gap = command - self.rpm
+            self.rpm.add_(self.lag * gap)
+            command = command - (1 - self.mean_lag) * gap
         return command * self.rpm_scale
 
     def push(self, drone):

@@ -70,8 +70,9 @@ def test_unperturbed_it_flies_the_same_bits_as_the_hover_task(env, hover_env):
 
 def test_the_defaults_are_the_recipe_and_the_hover_task_keeps_the_examples():
     cfg, hover_cfg = CrazyflieConfig(), hover.HoverConfig()
-    assert (cfg.motor_lag_s, cfg.action_delay, cfg.mass_scale, cfg.thrust_scale) == ((0.015, 0.08), (0, 1),
+    assert (cfg.motor_lag_s, cfg.action_delay, cfg.mass_scale, cfg.thrust_scale) == ((0.015, 0.1), (0, 1),
                                                                                        (0.9, 1.2), (0.85, 1.15))
+    assert cfg.thrust_to_weight == 2.25  # cf2x.urdf's
     assert (cfg.obs_noise, cfg.push_force, cfg.nominal_share, cfg.perturb_ramp) == (cf.NOISE, 0.05, 0.1, (50, 150))
     assert (cfg.progress_per_metre, cfg.reward_target) == (True, 20.0)  # its reward, paid per metre
     assert (hover_cfg.progress_per_metre, hover_cfg.reward_target) == (False, 10.0)  # the example's
@@ -81,7 +82,8 @@ def test_the_defaults_are_the_recipe_and_the_hover_task_keeps_the_examples():
                          (dict(mass_scale=(0.0, 1.0)), "--mass-scale must be > 0"),
                          (dict(obs_noise=(0.01,)), "--obs-noise takes 4 values"),
                          (dict(push_force=-1.0), "--push-force must be >= 0"),
-                         (dict(nominal_share=1.0), "--nominal-share must be < 1")):
+                         (dict(nominal_share=1.0), "--nominal-share must be < 1"),
+                         (dict(thrust_to_weight=0.9), "--thrust-to-weight must be above 1")):
         with pytest.raises(config.BadInput, match=message):
             config.check(CrazyflieConfig(**bad))
 
@@ -220,16 +222,6 @@ def test_a_push_moves_the_drone_its_way(env):
 
 
 # ---------------------------------------------------------------- training and eval.py
-@pytest.fixture(scope="module")
-def crazyflie_run(tmp_path_factory):
-    """The crazyflie task trained for 2 iterations on 8 drones, its ranges grown over iterations 1-3."""
-    log_dir = tmp_path_factory.mktemp("runs")
-    with contextlib.redirect_stdout(io.StringIO()):
-        train.main(["--task", "crazyflie", *TINY, "--max-iterations", "2", "--perturb-ramp", "1", "3", "--log-dir",
-                    str(log_dir), "--run-name", "cf"])
-    return log_dir / "cf"
-
-
 def test_train_resume_goes_on_with_the_episodes_and_the_curriculum_where_they_were(crazyflie_run, tmp_path,
                                                                                      monkeypatch):
     """Resumed at iteration 3 of a curriculum grown over iterations 2-4 (flags given on resume), the drones fly on
