@@ -8,7 +8,8 @@ MuJoCo flies from policy.json (the deployment contract) and policy.pt2 alone, as
 own MjData (mujoco_go2.py), built from the URDF; its Controller reads the sensors in the Unitree SDK's motor order,
 lays out the observation by the contract and sends PD targets, through the StateMachine (state_machine.py): lying
 on the floor with the motors off (ZERO_TORQUE, 0.5 s), STAND_UP (1.5 s to the default pose, 0.5 s held), POLICY for
---seconds, then DAMPING at a fall (roll or pitch beyond the contract's fall angle). Genesis flies the same
+--seconds, DAMPING at a fall (roll or pitch beyond the contract's fall angle) or, after --seconds, at the
+operator's stop (1 s more, the robot sinking). Genesis flies the same
 policy.pt2 in the task's env (go2_env.py), with the checkpoint's settings, from its usual start (dropped in the
 default pose). Each command of --speeds is flown by --robots robots in each simulator, and 0.5 m/s once more
 under pushes: a 0.5 m/s kick of the base in a random horizontal direction every 5 s. Printed per condition and
@@ -31,7 +32,7 @@ import config  # noqa: E402
 from examples.go2.mujoco_go2 import MujocoGo2, build_model  # noqa: E402
 from examples.go2.state_machine import Mode, StateMachine  # noqa: E402
 
-ZERO_TORQUE_S, PUSH_EVERY_S, PUSH_SPEED = 0.5, 5.0, 0.5  # [s], [s], [m/s]
+ZERO_TORQUE_S, DAMPING_S, PUSH_EVERY_S, PUSH_SPEED = 0.5, 1.0, 5.0, 0.5  # [s], [s], [s], [m/s]
 LYING_HEIGHT = 0.12  # [m] the base is let go here and settles on its belly (the box's half-height is 0.057 m)
 LYING_LEG = (0.0, 1.15, -2.7)  # hip, thigh, calf [rad]: the Unitree lying pose, legs folded under the body
 LYING_JITTER = 0.02  # [rad] each MuJoCo robot's joints off that pose: 64 runs, 64 different robots (calf limit -2.72)
@@ -163,8 +164,9 @@ def mujoco_fleet(contract, n, rng=None):
 
 
 def fly_mujoco(contract, policy, n, speed, seconds, push, seed):
-    """n robots from lying through stand-up, then `seconds` of the policy on (speed, 0, 0). Returns figures and the
-    series [steps, n] of forward velocity and base height (NaN after a fall), and the step the policy began."""
+    """n robots from lying through stand-up, `seconds` of the policy on (speed, 0, 0), a stop. Returns figures, the
+    series [steps, n] of forward velocity and base height up to the stop (NaN after a fall), the step the policy
+    began."""
     control = Controller(contract)
     dt = 1.0 / contract["control_rate_hz"]
     substeps = round(dt / contract["trained_in"]["physics_dt_s"])
@@ -175,11 +177,11 @@ def fly_mujoco(contract, policy, n, speed, seconds, push, seed):
                 for _ in range(n)]
     standing = machines[0]
     policy_start = round((ZERO_TORQUE_S + standing.stand_up_s + standing.settle_s) / dt)
-    steps = policy_start + round(seconds / dt)
+    policy_end = policy_start + round(seconds / dt)  # then the operator's stop: DAMPING for DAMPING_S
+    steps = policy_end + round(DAMPING_S / dt)
     command = np.tile([speed, 0.0, 0.0], (n, 1))
     previous = np.zeros((n, 12))  # [N, 12] the last action, policy order: what the joints get with latency 1
-    velocity, height = np.full((steps, n), np.nan), np.full((steps, n), np.nan)
-    falls = 0
+    velocity, height = np.full((steps, n), np.nan), np.full((steps, n), np.nan)  # [steps, N], NaN: not walking
     for k in range(steps):
         now = k * dt
         angles = np.stack([r.motor_angles() for r in robots])  # [N, 12] SDK order
@@ -190,27 +192,30 @@ def fly_mujoco(contract, policy, n, speed, seconds, push, seed):
             action = policy(torch.from_numpy(obs)).numpy().astype(np.float64)  # [N, 12]
         target = control.targets(previous if control.latency else action)
         kicks = None  # [N, 2] world frame: every PUSH_EVERY_S of walking, a random direction per robot
-        if push and k > policy_start and (k - policy_start) % round(PUSH_EVERY_S / dt) == 0:
+        if push and policy_start < k < policy_end and (k - policy_start) % round(PUSH_EVERY_S / dt) == 0:
             angle = rng.uniform(0, 2 * math.pi, n)
             kicks = PUSH_SPEED * np.stack((np.cos(angle), np.sin(angle)), 1)
         for i, (robot, sm) in enumerate(zip(robots, machines)):
             if k == round(ZERO_TORQUE_S / dt):
                 sm.stand_up(now, angles[i])
+            if k == policy_end:
+                sm.stop(now)
             sm.command(now)  # the operator's command arrives every step
-            was_walking = sm.mode is Mode.POLICY
             kp, kd, tgt = sm.update(now, angles[i], gravity[i], target[i])
-            falls += was_walking and sm.mode is Mode.DAMPING
             if sm.mode is Mode.POLICY and kicks is not None:
                 robot.push(kicks[i])
             robot.step(kp, kd, tgt, substeps)
             previous[i] = action[i] if sm.mode is Mode.POLICY else 0.0  # zero until the policy walks
-            if sm.mode is Mode.POLICY or k < policy_start:
+            if sm.mode is not Mode.DAMPING:
                 velocity[k, i], height[k, i] = robot.base_velocity()[0], robot.base_height()
-    walking = velocity[policy_start:]
-    minutes = np.isfinite(walking).sum() * dt / 60
-    return {"forward_velocity": np.nanmean(walking), "base_height": np.nanmean(height[policy_start:]),
-            "falls": falls, "falls_per_robot_min": falls / minutes,
-            "stood_up": float(np.mean(height[policy_start - 1]))}, velocity, height, policy_start
+    walking = velocity[policy_start:policy_end]
+    falls = sum(sm.reason.startswith("fall") for sm in machines)
+    figures = {"forward_velocity": np.nanmean(walking), "base_height": np.nanmean(height[policy_start:policy_end]),
+               "falls": falls, "falls_per_robot_min": falls / (np.isfinite(walking).sum() * dt / 60),
+               "stood_up": float(np.mean(height[policy_start - 1])),
+               "damped": sum(sm.mode is Mode.DAMPING for sm in machines),
+               "sunk_to": float(np.mean([r.base_height() for r in robots]))}
+    return figures, velocity[:policy_end], height[:policy_end], policy_start
 
 
 # -------------------------------------------------------------------------------------------------- Genesis
@@ -237,13 +242,14 @@ def fly_genesis(ckpt, policy, n, conditions, seconds, seed):
                 env.robot.set_dofs_velocity(vel)
             obs, _, done, info = env.step(policy(obs))
             falls += torch.where(done, info["episode"]["falls"], 0.0)
-            measured = env.measure()
-            velocity[k], height[k] = measured["forward_velocity"].numpy(), measured["base_height"].numpy()
+            measured = env.measure()  # where done, the robot is back at its start: no sample (NaN)
+            velocity[k] = measured["forward_velocity"].masked_fill(done, math.nan).numpy()
+            height[k] = measured["base_height"].masked_fill(done, math.nan).numpy()
     results = []
     for c in range(len(conditions)):
         rows = slice(c * n, (c + 1) * n)
         count = int(falls[rows].sum())
-        results.append(({"forward_velocity": velocity[:, rows].mean(), "base_height": height[:, rows].mean(),
+        results.append(({"forward_velocity": np.nanmean(velocity[:, rows]), "base_height": np.nanmean(height[:, rows]),
                          "falls": count, "falls_per_robot_min": count / (n * seconds / 60)},
                         velocity[:, rows], height[:, rows]))
     return results
@@ -309,8 +315,9 @@ def main(argv=None):
                                                       args.seed)
         rows[name] = {"MuJoCo": figures}
         series[name] = {"MuJoCo": ((velocity, height), start)}
-        print(f"  MuJoCo {name}: {args.robots} robots x {args.seconds:g} s in {time.time() - started:.0f} s; "
-              f"stood up to {figures['stood_up']:.3f} m", flush=True)
+        print(f"  MuJoCo {name}: {args.robots} robots x {args.seconds:g} s in {time.time() - started:.0f} s; from "
+              f"lying, stood up to {figures['stood_up']:.3f} m; at the stop, {figures['damped']} in DAMPING, sunk to "
+              f"{figures['sunk_to']:.3f} m in {DAMPING_S:g} s", flush=True)
     if not args.no_genesis:
         started = time.time()
         for name, (figures, velocity, height) in zip(names, fly_genesis(ckpt, policy, args.robots, conditions,
@@ -319,7 +326,9 @@ def main(argv=None):
             series[name]["Genesis"] = ((velocity, height), 0)
         print(f"  Genesis: {args.robots * len(conditions)} robots x {args.seconds:g} s in "
               f"{time.time() - started:.0f} s", flush=True)
-    print(f"\n  {args.robots} robots x {args.seconds:g} s per condition and simulator, the deterministic policy")
+    low, high = contract["command"].get("low", "?"), contract["command"].get("high", "?")
+    print(f"\n  {args.robots} robots x {args.seconds:g} s per condition and simulator, the deterministic policy "
+          f"(trained on commands from {low} to {high})")
     print(f"  {'condition':<18s}{'simulator':<10s}{'forward m/s':>12s}{'vs command':>12s}{'height m':>10s}"
           f"{'falls/robot-min':>17s}{'falls':>7s}")
     for name, (speed, _) in zip(names, conditions):
