@@ -48,6 +48,10 @@ def build_model(motors, physics_dt, armature, friction) -> mujoco.MjModel:
     each, torque in N m: MujocoGo2 computes the PD torque). armature [kg m^2] on every motor joint; `friction` on every
     geom, as Genesis has it. Robot geoms touch the floor only: Genesis trained without self-collision."""
     spec = mujoco.MjSpec.from_string(floating_urdf(urdf_path()))
+    # Masses and inertias as the URDF states them, and nothing else: by default MuJoCo gives a link without an
+    # <inertial> (each calf's two calflower links) its geoms' volume at 1000 kg/m^3, 0.189 kg in all, which Genesis
+    # does not (15.019 kg either way then).
+    spec.compiler.inertiafromgeom = mujoco.mjtInertiaFromGeom.mjINERTIAFROMGEOM_FALSE
     spec.option.timestep = physics_dt
     for geom in spec.geoms:
         geom.friction[0] = friction
