@@ -32,6 +32,7 @@ import config  # noqa: E402
 from examples.go2.mujoco_go2 import MujocoGo2, build_model  # noqa: E402
 from examples.go2.state_machine import Mode, StateMachine  # noqa: E402
 
+BadInput = config.BadInput
 ZERO_TORQUE_S, DAMPING_S, PUSH_EVERY_S, PUSH_SPEED = 0.5, 1.0, 5.0, 0.5  # [s], [s], [s], [m/s]
 LYING_HEIGHT = 0.12  # [m] the base is let go here and settles on its belly (the box's half-height is 0.057 m)
 LYING_LEG = (0.0, 1.15, -2.7)  # hip, thigh, calf [rad]: the Unitree lying pose, legs folded under the body
@@ -88,9 +89,6 @@ def read_contract(folder) -> dict:
         raise BadInput(f"no policy.pt2 in {folder}: export it with python export.py CKPT --formats torch")
     Controller(contract)  # an unknown observation or a bad motor map fails here, before any flight
     return contract
-
-
-BadInput = config.BadInput
 
 
 class Controller:
