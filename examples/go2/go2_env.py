@@ -13,7 +13,9 @@ they occur. Train it with `python train.py --task go2`. The file stands alone, a
 torch, and genesis when the first env is built; the few helpers it shares with the drone's env.py (setting,
 init_genesis, validate_actions, quat_rotate_inverse) are written here again, so that it can be copied by itself.
 """
+import importlib.util
 import os
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +28,15 @@ def setting(default, help, **rule):
 
 JOINTS = ("FR_hip_joint", "FR_thigh_joint", "FR_calf_joint", "FL_hip_joint", "FL_thigh_joint", "FL_calf_joint",
           "RR_hip_joint", "RR_thigh_joint", "RR_calf_joint", "RL_hip_joint", "RL_thigh_joint", "RL_calf_joint")
+# The Unitree SDK numbers the Go2's motors in this order (unitree_sdk2, go2 JointIndex: FR 0-2, FL 3-5, RR 6-8, RL
+# 9-11): LowCmd.motor_cmd[k] and LowState.motor_state[k] are joint SDK_MOTORS[k]. JOINTS keeps it by default.
+SDK_MOTORS = JOINTS
+URDF = "urdf/go2/urdf/go2.urdf"  # in Genesis's assets folder
+# What Genesis gives the robot that the URDF does not state (genesis-world 1.4.5; policy.json names them, sim2sim.py
+# builds its MuJoCo model with them): a rotor inertia on every joint (morphs.URDF.default_armature; the URDF states
+# none and this file passes none), and friction 1 on every geom, the plane's too.
+GENESIS_ARMATURE = 0.1  # [kg m^2]
+GENESIS_FRICTION = 1.0
 
 
 @dataclass
@@ -130,7 +141,7 @@ class Go2Env:
             vis_options=gs.options.VisOptions(rendered_envs_idx=[0]),
             show_viewer=show_viewer)
         self.scene.add_entity(gs.morphs.URDF(file="urdf/plane/plane.urdf", fixed=True))
-        self.robot = self.scene.add_entity(gs.morphs.URDF(file="urdf/go2/urdf/go2.urdf", pos=cfg.init_pos,
+        self.robot = self.scene.add_entity(gs.morphs.URDF(file=URDF, pos=cfg.init_pos,
                                                           quat=cfg.init_quat))
         self.camera = self.scene.add_camera(res=(640, 480), pos=cfg.camera_pos, lookat=cfg.camera_lookat,
                                             fov=cfg.camera_fov, GUI=False) if record_camera else None
@@ -292,26 +303,55 @@ Config, Env = Go2Config, Go2Env
 
 
 def describe(cfg: Go2Config) -> dict:
-    """export.py's policy.json: the observation layout and action map a deployment needs, from the task's settings."""
+    """export.py's policy.json: the deployment contract, everything a controller on the robot needs besides the
+    network (examples/go2/sim2sim.py flies the policy in MuJoCo from it alone). Per-joint lists are in the policy's
+    joint order (cfg.joint_names); sdk_motor_index maps joint i to the Unitree SDK's motor number."""
     joints = cfg.joint_names
-    groups = [("angular_velocity", "xyz", "body, rad/s", cfg.obs_ang_vel_scale),
-              ("gravity_direction", "xyz", "body, unit vector", 1.0),
-              ("command", ("forward_m_s", "lateral_m_s", "yaw_rad_s"), "body",
+    base = "base (x forward, y left, z up)"
+    groups = [("angular_velocity", "xyz", "rad/s", base, cfg.obs_ang_vel_scale),
+              ("gravity_direction", "xyz", "unit vector", base, 1.0),
+              ("command", ("forward_m_s", "lateral_m_s", "yaw_rad_s"), ("m/s", "m/s", "rad/s"), "base, horizontal",
                (cfg.obs_lin_vel_scale,) * 2 + (cfg.obs_ang_vel_scale,)),
-              ("joint_angle_minus_default", joints, "rad", 1.0),
-              ("joint_velocity", joints, "rad/s", cfg.obs_dof_vel_scale),
-              ("previous_action", joints, "", 1.0)]
-    observation = []
-    for name, parts, unit, scale in groups:
+              ("joint_angle_minus_default", joints, "rad", "joint", 1.0),
+              ("joint_velocity", joints, "rad/s", "joint", cfg.obs_dof_vel_scale),
+              ("previous_action", joints, "", "policy output", 1.0)]
+    observation = []  # obs[index] = scale * quantity, never clipped (clip null): the env clips no observation
+    for name, parts, unit, frame, scale in groups:
         scales = scale if isinstance(scale, tuple) else (scale,) * len(parts)
-        observation += [{"index": len(observation) + i, "name": f"{name}_{p}", "unit": unit, "scale": s}
-                        for i, (p, s) in enumerate(zip(parts, scales))]
-    return {"control_rate_hz": round(1 / cfg.dt), "observation": observation,
+        units = unit if isinstance(unit, tuple) else (unit,) * len(parts)
+        observation += [{"index": len(observation) + i, "name": f"{name}_{p}", "unit": u, "frame": frame,
+                         "scale": s, "clip": None} for i, (p, u, s) in enumerate(zip(parts, units, scales))]
+    efforts = effort_limits(urdf_path())
+    return {"robot": "Unitree Go2", "control_rate_hz": round(1 / cfg.dt), "observation": observation,
             "action": {"size": len(joints), "joints": list(joints),
                        "target_angle": "default_angle[i] + action_scale * action[i] (radians), held by a PD "
                                        "controller" + (", applied one step late" if cfg.action_latency else ""),
                        "default_angle": list(cfg.default_joint_angles), "action_scale": cfg.action_scale,
-                       "range": [-cfg.clip_actions, cfg.clip_actions], "kp": cfg.kp, "kd": cfg.kd}}
+                       "range": [-cfg.clip_actions, cfg.clip_actions], "kp": cfg.kp, "kd": cfg.kd,
+                       "torque": "kp * (target - angle) - kd * velocity, clipped to +-torque_limit [N m]",
+                       "torque_limit": [efforts[j] for j in joints],
+                       "latency_steps": int(cfg.action_latency),  # the joints get the action of this many steps ago
+                       "sdk_motor_order": list(SDK_MOTORS),
+                       "sdk_motor_index": [SDK_MOTORS.index(j) for j in joints]},
+            "command": {"names": ["forward_m_s", "lateral_m_s", "yaw_rad_s"], "frame": "base, horizontal",
+                        "low": list(cfg.command_low), "high": list(cfg.command_high)},
+            "safety": {"fall_angle_deg": cfg.fall_angle_deg},  # |roll| or |pitch| beyond it ended an episode
+            "trained_in": {"simulator": "Genesis", "physics_dt_s": cfg.dt / cfg.substeps,
+                           "joint_armature": GENESIS_ARMATURE, "friction": GENESIS_FRICTION,
+                           "start": "standing in the default pose, base at init_pos, at rest",
+                           "init_pos": list(cfg.init_pos)}}
+
+
+def urdf_path() -> str:
+    """Genesis's go2.urdf, found without importing genesis (which would start nothing, but costs seconds)."""
+    root = importlib.util.find_spec("genesis").submodule_search_locations[0]
+    return os.path.join(root, "assets", URDF)
+
+
+def effort_limits(path) -> dict:
+    """{joint name: its torque limit [N m]} from a URDF's <limit effort=...>; Genesis clips the PD torque to it."""
+    return {j.get("name"): float(j.find("limit").get("effort")) for j in ET.parse(path).getroot().iter("joint")
+            if j.find("limit") is not None}
 
 
 # ----------------------------------------------------------------- the Genesis helpers, as env.py has them too
