@@ -181,6 +181,12 @@ class Go2Env:
         u = torch.rand(self.num_envs, 3, device=self.device, generator=self.generator)  # [N, 3]
         return torch.addcmul(self._command_low, self._command_span, u)
 
+    def hold_commands(self, commands: torch.Tensor):
+        """From the next draw on, robot i's command is commands[i] ([N, 3]: forward, lateral [m/s], yaw rate
+        [rad/s]), at every reset and resample (sim2sim.py flies each robot at a command of its own)."""
+        self._command_low = commands.to(self.device)
+        self._command_span = torch.zeros_like(self._command_low)
+
     def set_iteration(self, iteration: int):
         """The task contract's curriculum hook (train.py calls it before each iteration and the first reset): this
         task has none."""

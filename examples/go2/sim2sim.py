@@ -224,8 +224,7 @@ def fly_genesis(ckpt, policy, n, conditions, seconds, seed):
     from examples.go2.go2_env import Go2Env
     env = Go2Env(n * len(conditions), device="cpu", seed=seed, cfg=ckpt.task_cfg)
     commands = torch.tensor([[speed, 0.0, 0.0] for speed, _ in conditions for _ in range(n)])
-    # Held per robot: go2_env draws each command in [low, low + span * u], so a per-robot low and no span.
-    env._command_low, env._command_span = commands, torch.zeros_like(commands)
+    env.hold_commands(commands)
     pushed = torch.tensor([push for _, push in conditions for _ in range(n)])[:, None]  # [N, 1]
     generator = torch.Generator().manual_seed(seed)
     steps, push_every = round(seconds / env.dt), round(PUSH_EVERY_S / env.dt)
