@@ -301,7 +301,7 @@ def describe(cfg: CrazyflieConfig) -> dict:
     the microcontroller and what the policy was trained against."""
     described = hover.describe(cfg)
     described["action"]["motors"] = [{"index": i, "position_m": [x, y], "spin": spin} for i, (x, y, spin) in enumerate(
-        [(0.028, -0.028, "CW"), (-0.028, -0.028, "CCW"), (-0.028, 0.028, "CW"), (0.028, 0.028, "CCW")])]
+        [(0.028, -0.028, "CCW"), (-0.028, -0.028, "CW"), (-0.028, 0.028, "CCW"), (0.028, 0.028, "CW")])]
     gaps = {k: getattr(cfg, k) for k in SETTINGS}
     return {**described, "microcontroller": {"name": "STM32F405 (Crazyflie 2.1)", "flash_bytes": 1024 * 1024,
                                              "ram_bytes": 192 * 1024, "mhz": 168},

@@ -8,8 +8,8 @@ thrust-to-weight ratio of its <properties>), and from the propeller model stated
 the propeller's axis at its position, drag torque km rpm^2 about it, the spin of each), never by calling Genesis: an
 independent check. K drones fly in one MjModel without touching each other; the physics runs at the firmware's
 1 kHz stabilizer rate (Genesis's at 200 Hz). The gaps of crazyflie_env.py apply here too, with its settings' names
-and meaning: per drone and episode a motor time constant, a delay in control steps, mass and thrust errors (the mass
-and inertia of the MuJoCo body itself), and at every tick sensor noise and random pushes.
+and meaning: per drone and episode a motor time constant, a delay in control steps, mass and thrust errors, and at
+every tick sensor noise and random pushes.
 """
 import importlib.util
 import math
@@ -22,7 +22,8 @@ import numpy as np
 
 TICK_S = 0.001  # the stabilizer loop's period: 1 kHz
 GRAVITY = 9.81  # [m/s^2], as in Genesis's scene
-SPIN = (-1, 1, -1, 1)  # propellers 0-3: -1 clockwise, 1 counter-clockwise seen from above (Genesis's Drone default)
+SPIN = (-1, 1, -1, 1)  # the sign of propellers 0-3's drag torque on the body about z, as Genesis's Drone applies it
+#                        (-1: the reaction to a propeller turning counter-clockwise seen from above)
 START = (0.0, 0.0, 1.0)  # every episode starts here, level and at rest, as HoverConfig's init_pos
 
 
@@ -115,6 +116,7 @@ class Drones:
         self.delay = np.zeros(K, dtype=int)  # [K] in ticks
         self.lag = np.ones((K, 1))  # [K, 1] the RPM's step toward its command per tick
         self.thrust_scale = np.ones((K, 1))
+        self.mass_scale = np.ones((K, 1))  # mass and inertia x this: every force and torque / this (see step)
         self.rpm = np.zeros((K, 4))
         self.wrench = np.zeros((K, 6))  # the push now: force [N], torque [N m], world frame
         self.push_left = np.zeros(K, dtype=int)  # ticks until the next push is drawn
@@ -133,9 +135,7 @@ class Drones:
         qpos, qvel = self.data.qpos.reshape(self.K, 7), self.data.qvel.reshape(self.K, 6)
         qpos[envs] = (*START, 1.0, 0.0, 0.0, 0.0)
         qvel[envs] = 0.0
-        mass = self._uniform(c["mass_scale"], n)
-        self.model.body_mass[self.body[envs]] = frame.mass * mass
-        self.model.body_inertia[self.body[envs]] = np.outer(mass, frame.inertia)
+        self.mass_scale[envs, 0] = self._uniform(c["mass_scale"], n)
         self.thrust_scale[envs, 0] = self._uniform(c["thrust_scale"], n)
         tau = self._uniform(c["motor_lag_s"], n)
         self.lag[envs, 0] = np.where(tau > 0, -np.expm1(-TICK_S / np.maximum(tau, 1e-9)), 1.0)
@@ -177,9 +177,11 @@ class Drones:
         force_body = np.zeros((K, 3))
         force_body[:, 2] = thrust.sum(1)
         self._push()
+        # A drone m times heavier, inertia included, is the nominal body with every force and torque but gravity
+        # divided by m (MuJoCo's masses changed at run time would need mj_setConst per reset, slow for many drones).
         applied = self.data.xfrc_applied[1:]  # [K, 6] world frame, at each body's centre of mass
-        applied[:, :3] = quat_rotate(quat, force_body) + self.wrench[:, :3]
-        applied[:, 3:] = quat_rotate(quat, torque_body) + self.wrench[:, 3:]
+        applied[:, :3] = (quat_rotate(quat, force_body) + self.wrench[:, :3]) / self.mass_scale
+        applied[:, 3:] = (quat_rotate(quat, torque_body) + self.wrench[:, 3:]) / self.mass_scale
         mujoco.mj_step(self.model, self.data)
 
     def _push(self):

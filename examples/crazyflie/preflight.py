@@ -9,7 +9,8 @@ firmware/controller_policy.c with it for this host (the file a Crazyflie app add
 firmware/sil.c) and flies:
     Genesis, the torch policy          crazyflie_env.py's env, as in training
     MuJoCo, the C controller           mujoco_drone.py: another simulator, 1 kHz, the firmware's units and motor command
-each on the nominal drone and under "realistic (all at once)" (the gate), then across the grid of motor lag x delay
+each on the nominal drone (its motors' thrust capped at cf2x.urdf's 2.25 x weight in both: the firmware's motor
+command ends there) and under "realistic (all at once)" (the gate), then across the grid of motor lag x delay
 x thrust-to-weight x noise and pushes (48 cells, each simulator). Figures per drone-minute, as eval.py's.
 
 The gate: in MuJoCo through the controller, the nominal drone meets at least 90 % of its Genesis targets with at
@@ -247,7 +248,7 @@ def conditions(task, cfg):
     """The gate's two conditions and the grid's 48, each every perturbation setting (crazyflie_env's SETTINGS)."""
     base = {**task.UNPERTURBED, "push_interval_s": cfg.push_interval_s}
     realistic = {**base, **task.PERTURBATIONS["realistic (all at once)"]}
-    gate = {"nominal": {**base, **task.PERTURBATIONS["none"]}, "realistic": realistic}
+    gate = {"nominal": {**base, **task.CAP}, "realistic": realistic}  # (the firmware caps MuJoCo's motors always)
     grid = {}
     for (mass, thrust), level, lag, delay in itertools.product(((0.9, 1.15), (1.2, 0.85)), (1, 2),
                                                                (0.025, 0.05, 0.1, 0.15), (0, 1, 2)):

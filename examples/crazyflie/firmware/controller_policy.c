@@ -1,28 +1,33 @@
 /* The trained hover policy as a Crazyflie out-of-tree controller: the file to add to the firmware, and the very file
    preflight.py compiles and flies in MuJoCo (software in the loop).
 
-   The firmware calls controllerOutOfTreeInit() and controllerOutOfTreeTest() at start-up, then
-   controllerOutOfTree() at every tick of its 1 kHz stabilizer loop; the policy runs at every 10th (100 Hz, as it
-   was trained) and the motor commands it set are held in between. It needs, next to it:
+   The firmware calls controllerOutOfTreeInit() when the controller is selected (and controllerOutOfTreeTest() if
+   at start-up), then controllerOutOfTree() at every tick of its 1 kHz stabilizer loop; the policy runs at every
+   10th (100 Hz, as it was trained) and the motor commands it set are held in between. It needs, next to it:
      policy.h, policy.c          export.py's C policy: void policy_act(const float obs[17], float action[4])
      controller_policy_params.h  preflight.py's: the action map, the observation scales, the motors' full thrust, and
                                  stored inputs with the policy's expected actions for the self-test
    In the firmware, build with CRAZYFLIE_FIRMWARE defined (an app with CONFIG_CONTROLLER_OOT=y; select the
    controller with the stabilizer.controller parameter) and set the parameter rlpolicy.arm to 1 to fly.
 
-   The safety envelope: motors off until armed and until the self-test has passed; off, and disarmed, when no
-   setpoint has come for SETPOINT_TIMEOUT_MS or the state is not finite; a warm-up of WARMUP_MS (the drone held in
-   a hand or on a stand) that ramps the motors up to hover thrust over RAMP_MS and holds it, so that slow motors
-   too turn at hover speed when the policy takes over, as each training episode starts; the policy's inputs clipped
-   to the ranges it was trained on. The target is the setpoint's position. */
+   The safety envelope: motors off until armed and unless the self-test (run by Init) passed; off, and disarmed,
+   when no setpoint has come for SETPOINT_TIMEOUT_MS or the state is not finite or its quaternion not a rotation;
+   a warm-up of WARMUP_MS (the drone held in a hand or on a stand) that ramps the motors up to hover thrust over
+   RAMP_MS and holds it, so that slow motors too turn at hover speed when the policy takes over, as each training
+   episode starts; the policy's inputs clipped to the ranges it was trained on. The target is the setpoint's
+   position. */
 #include <math.h>
 #include <string.h>
 
 #ifdef CRAZYFLIE_FIRMWARE
+#include "FreeRTOS.h"
+#include "task.h"
 #include "controller.h"
 #include "param.h"
 #include "stabilizer_types.h"
+#define NOW_MS(tick) T2M(xTaskGetTickCount())  /* the commander stamps setpoints with this clock */
 #else
+#define NOW_MS(tick) (tick)  /* in the loop: the simulation's ticks, one per ms */
 #include "sil_types.h"
 #endif
 #include "controller_policy_params.h"
@@ -88,36 +93,44 @@ static void observe(float obs[POLICY_NUM_OBS], const setpoint_t *setpoint, const
   for (int i = 0; i < POLICY_NUM_ACTIONS; i++) obs[13 + i] = cs.action[i];
 }
 
-static int finite_state(const state_t *state, const sensorData_t *sensors) {
+/* Every input finite, and a quaternion that is one (its norm near 1; all zeros is not). */
+static int sane_state(const state_t *state, const sensorData_t *sensors) {
+  const quaternion_t *q = &state->attitudeQuaternion;
   float sum = state->position.x + state->position.y + state->position.z + state->velocity.x + state->velocity.y
-              + state->velocity.z + state->attitudeQuaternion.w + state->attitudeQuaternion.x
-              + state->attitudeQuaternion.y + state->attitudeQuaternion.z + sensors->gyro.x + sensors->gyro.y
-              + sensors->gyro.z;
-  return isfinite(sum);
-}
-
-void controllerOutOfTreeInit(void) {
-  memset(&cs, 0, sizeof cs);
+              + state->velocity.z + sensors->gyro.x + sensors->gyro.y + sensors->gyro.z;
+  float norm2 = q->w * q->w + q->x * q->x + q->y * q->y + q->z * q->z;
+  return isfinite(sum) && norm2 > 0.25f && norm2 < 4.0f;  /* (NaN fails both) */
 }
 
 /* The policy on stored inputs must give the actions it gave when exported: a corrupted weight table fails. */
-bool controllerOutOfTreeTest(void) {
+static uint8_t self_test(void) {
   float action[POLICY_NUM_ACTIONS];
-  cs.tested = 1;
   for (int k = 0; k < SELFTEST_CASES; k++) {
     policy_act(SELFTEST_OBS[k], action);
     for (int i = 0; i < POLICY_NUM_ACTIONS; i++)
-      if (!(fabsf(action[i] - SELFTEST_ACTION[k][i]) <= SELFTEST_TOLERANCE)) cs.tested = 0;
+      if (!(fabsf(action[i] - SELFTEST_ACTION[k][i]) <= SELFTEST_TOLERANCE)) return 0;
   }
+  return 1;
+}
+
+/* The firmware calls Init when the controller is selected, at start-up or by the stabilizer.controller parameter,
+   and Test only at start-up: the self-test runs here, so that it runs either way. */
+void controllerOutOfTreeInit(void) {
+  memset(&cs, 0, sizeof cs);
+  cs.tested = self_test();
+}
+
+bool controllerOutOfTreeTest(void) {
   return cs.tested;
 }
 
 void controllerOutOfTree(control_t *control, const setpoint_t *setpoint, const sensorData_t *sensors,
                          const state_t *state, const stabilizerStep_t tick) {
   control->controlMode = controlModeForce;
-  int stale = tick - setpoint->timestamp > SETPOINT_TIMEOUT_MS;  /* (unsigned: a setpoint from the future is stale) */
-  if (!cs.arm || !cs.tested || stale || !finite_state(state, sensors)) {
-    cs.arm = cs.arm && cs.tested && !stale;  /* a lost commander or a broken estimate disarms: re-arm to fly */
+  uint32_t age = (uint32_t)NOW_MS(tick) - setpoint->timestamp;  /* (unsigned: a setpoint from the future is stale) */
+  int safe = cs.tested && age <= SETPOINT_TIMEOUT_MS && sane_state(state, sensors);
+  if (!cs.arm || !safe) {
+    cs.arm = cs.arm && safe;  /* a lost commander or a broken estimate disarms: re-arm to fly */
     cs.phase = DISARMED;
     motors_off();
   } else if (cs.phase == DISARMED) {
