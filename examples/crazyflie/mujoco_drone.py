@@ -129,7 +129,7 @@ class Drones:
     def reset(self, envs):
         """envs [K] bool: these drones start an episode at START, level, at rest, with their gaps drawn anew and
         their propellers at rest (the controller's warm-up spins them up)."""
-        n, c, frame = int(envs.sum()), self.condition, self.frame
+        n, c = int(envs.sum()), self.condition
         if n == 0:
             return
         qpos, qvel = self.data.qpos.reshape(self.K, 7), self.data.qvel.reshape(self.K, 6)
