@@ -34,12 +34,12 @@ class CrazyflieConfig(hover.HoverConfig):
     """The hover task's settings, and the gaps to a real Crazyflie. The defaults are what `--task crazyflie` trains
     against, each for a reason measured in EXPERIMENTS.md ("The Crazyflie task"): the motors' ranges stop short of
     the worst conditions flown, grow from the nominal drone over iterations 50-150, and a tenth of the episodes fly
-    the nominal drone; the motors' thrust is capped where cf2x.urdf says it ends (Genesis's is not); progress is paid
-    per metre, so that drones do not dawdle near a target."""
+    the nominal drone; progress is paid per metre, so that drones do not dawdle near a target. Like Genesis's drone,
+    the motors have no full thrust unless thrust_to_weight sets one (preflight.py flies with cf2x.urdf's)."""
 
-    motor_lag_s: tuple = setting((0.015, 0.1), "time constant of each propeller's first-order RPM response [s]",
+    motor_lag_s: tuple = setting((0.015, 0.08), "time constant of each propeller's first-order RPM response [s]",
                                  low=0, ordered=True)
-    thrust_to_weight: float = setting(2.25, "the motors' full thrust over the weight (cf2x.urdf's thrust2weight): "
+    thrust_to_weight: float = setting(0.0, "the motors' full thrust over the weight (cf2x.urdf's thrust2weight): "
                                             "each propeller's RPM is capped at hover_rpm * sqrt(this); 0: no cap",
                                       low=0)
     action_delay: tuple = setting((0, 1), "control steps an action takes to reach the motors", low=0, high=50,
@@ -91,7 +91,7 @@ PERTURBATIONS = {name: {**UNPERTURBED, **change} for name, change in {
     "observation noise": dict(obs_noise=NOISE),
     "pushes": PUSH,
     "realistic (all at once)": dict(motor_lag_s=(0.05, 0.05), action_delay=(1, 1), mass_scale=(1.1, 1.1),
-                                    thrust_scale=(0.9, 0.9), obs_noise=NOISE, **PUSH, **CAP),
+                                    thrust_scale=(0.9, 0.9), obs_noise=NOISE, **PUSH),
 }.items()}
 SETTINGS = (*UNPERTURBED, "push_interval_s", "perturb_ramp")  # what perturb() may change between flights
 
@@ -118,8 +118,7 @@ class Perturbations:
     grows with RPM^2). Genesis's own per-env masses need per-env link storage (RigidOptions.batch_links_info), which
     recompiles and slows down every kernel."""
 
-    STATE = ("rpm_scale", "mass_scale", "lag", "mean_lag", "rpm", "delay", "actions", "steps_taken", "wrench",
-             "push_left")
+    STATE = ("rpm_scale", "mass_scale", "lag", "rpm", "delay", "actions", "steps_taken", "wrench", "push_left")
 
     def __init__(self, cfg, num_envs, device, generator, weight, obs_scale, strength=1.0):
         N, self.cfg, self.generator = num_envs, cfg, generator
@@ -132,7 +131,6 @@ class Perturbations:
         self.rpm_scale = torch.ones(N, 1, device=device)  # sqrt(thrust_scale / mass_scale)
         self.mass_scale = torch.ones(N, 1, device=device)
         self.lag = torch.ones(N, 1, device=device)  # the RPM's step toward its command: 1 - exp(-dt / tau)
-        self.mean_lag = torch.ones(N, 1, device=device)  # ... and its mean over the step: 1 - tau / dt * lag
         self.max_rpm = cfg.hover_rpm * math.sqrt(cfg.thrust_to_weight) if cfg.thrust_to_weight else math.inf
         self.rpm = torch.full((N, 4), cfg.hover_rpm, device=device)  # the propellers' RPM now
         self.delay = torch.zeros(N, dtype=torch.long, device=device)  # in control steps
@@ -170,9 +168,7 @@ class Perturbations:
             tau, delay = tau.masked_fill(nominal, 0.0), delay.masked_fill(nominal[:, 0], 0)
         self.mass_scale = torch.where(mask, mass, self.mass_scale)
         self.rpm_scale = torch.where(mask, (thrust / mass).sqrt(), self.rpm_scale)
-        lag = -torch.expm1(-cfg.dt / tau.clamp(min=1e-9))  # tau 0: instant
-        self.lag = torch.where(mask, lag, self.lag)
-        self.mean_lag = torch.where(mask, 1 - tau / cfg.dt * lag, self.mean_lag)
+        self.lag = torch.where(mask, -torch.expm1(-cfg.dt / tau.clamp(min=1e-9)), self.lag)  # tau 0: instant
         self.rpm.masked_fill_(mask, cfg.hover_rpm)  # a new episode starts hovering
         if self.strength < 1:
             delay = delay.mul(self.strength).round_().long()
@@ -182,9 +178,8 @@ class Perturbations:
 
     def motors(self, actions):
         """actions [N, 4] this step -> the RPM the propellers turn at [N, 4]: each drone's action `delay` steps
-        old, mapped to RPM, capped at the motors' full thrust, followed with the motors' lag (the mean RPM over the
-        step, as a motor that turns continuously gives it; self.rpm is the RPM at the step's end), scaled for thrust
-        and mass."""
+        old, mapped to RPM, capped at the motors' full thrust, followed with the motors' lag, scaled for thrust and
+        mass."""
         cfg = self.cfg
         if cfg.action_delay[1] > 0:
             self.steps_taken += 1
@@ -193,9 +188,7 @@ class Perturbations:
             actions = self.actions[(self.steps_taken - self.delay) % ring, self.arange]  # [N, 4]
         command = actions.mul(cfg.rpm_gain * cfg.hover_rpm).add_(cfg.hover_rpm).clamp_(max=self.max_rpm)
         if cfg.motor_lag_s[1] > 0:
-            gap = command - self.rpm
-            self.rpm.add_(self.lag * gap)
-            command = command - (1 - self.mean_lag) * gap
+            command = self.rpm.add_(self.lag * (command - self.rpm))
         return command * self.rpm_scale
 
     def push(self, drone):

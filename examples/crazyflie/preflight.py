@@ -247,7 +247,7 @@ def fly_genesis(policy, env, condition, seconds, seed):
 def conditions(task, cfg):
     """The gate's two conditions and the grid's 48, each every perturbation setting (crazyflie_env's SETTINGS)."""
     base = {**task.UNPERTURBED, "push_interval_s": cfg.push_interval_s}
-    realistic = {**base, **task.PERTURBATIONS["realistic (all at once)"]}
+    realistic = {**base, **task.PERTURBATIONS["realistic (all at once)"], **task.CAP}
     gate = {"nominal": {**base, **task.CAP}, "realistic": realistic}  # (the firmware caps MuJoCo's motors always)
     grid = {}
     for (mass, thrust), level, lag, delay in itertools.product(((0.9, 1.15), (1.2, 0.85)), (1, 2),

@@ -70,9 +70,9 @@ def test_unperturbed_it_flies_the_same_bits_as_the_hover_task(env, hover_env):
 
 def test_the_defaults_are_the_recipe_and_the_hover_task_keeps_the_examples():
     cfg, hover_cfg = CrazyflieConfig(), hover.HoverConfig()
-    assert (cfg.motor_lag_s, cfg.action_delay, cfg.mass_scale, cfg.thrust_scale) == ((0.015, 0.1), (0, 1),
+    assert (cfg.motor_lag_s, cfg.action_delay, cfg.mass_scale, cfg.thrust_scale) == ((0.015, 0.08), (0, 1),
                                                                                        (0.9, 1.2), (0.85, 1.15))
-    assert cfg.thrust_to_weight == 2.25  # cf2x.urdf's
+    assert cfg.thrust_to_weight == 0 and cf.CAP == dict(thrust_to_weight=2.25)  # Genesis's drone; cf2x.urdf's
     assert (cfg.obs_noise, cfg.push_force, cfg.nominal_share, cfg.perturb_ramp) == (cf.NOISE, 0.05, 0.1, (50, 150))
     assert (cfg.progress_per_metre, cfg.reward_target) == (True, 20.0)  # its reward, paid per metre
     assert (hover_cfg.progress_per_metre, hover_cfg.reward_target) == (False, 10.0)  # the example's
@@ -169,6 +169,17 @@ def test_motor_lag_is_first_order(env):
         lagged = env.base_pos[:, 2].clone()
     run(env, full(1.0), 10)
     assert (env.base_pos[:, 2] > lagged + 0.002).all()  # without the lag, the same 0.1 s climbs higher
+
+
+def test_the_cap_stops_the_rpm_at_the_motors_full_thrust(env):
+    """Full throttle asks 1.8 x the hover RPM (3.24 x the weight); capped at 2.25 x the weight, it gets 1.5 x."""
+    cfg = env.cfg
+    with perturbed(env, **cf.CAP, motor_lag_s=(0.05, 0.05)):
+        run(env, full(1.0), 30)  # the lag toward the cap, not toward the command
+        capped = cfg.hover_rpm * 1.5 - cfg.hover_rpm * 0.5 * math.exp(-30 * DT / 0.05)
+        assert torch.allclose(env.perturb.rpm, torch.full((N, 4), capped), rtol=1e-5)
+        env.step(full(-1.0))  # below the cap, the command as ever
+        assert (env.perturb.rpm < cfg.hover_rpm * 1.5).all()
 
 
 def test_action_delay_shifts_the_applied_action_by_k_steps(env):
