@@ -130,7 +130,7 @@ def test_train_rejects_missing_cuda_from_the_command_line():
 def test_train_rejects_corrupt_and_mismatched_checkpoints(smoke_run, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     state = torch.load(os.path.join(smoke_run, "ckpt_0002.pt"), weights_only=True)
-    state["config"]["hidden"] = [64, 64]  # weights that do not fit the settings saved with them
+    state["config"]["hidden"] = [2 * h for h in state["config"]["hidden"]]  # weights that do not fit these settings
     torch.save(state, tmp_path / "misfit.pt")
     for content in (b"not a checkpoint", b'{"iteration": 1, "loss"', (tmp_path / "misfit.pt").read_bytes()):
         bad.write_bytes(content)  # (torch's error for the second: 10 lines)
