@@ -1,6 +1,6 @@
 """Fly a trained policy on a batch of envs and measure it: what to run after train.py.
 
-    python eval.py runs/<run>/ckpt_0250.pt                    256 envs x 30 s, the deterministic policy
+    python eval.py runs/<run>/ckpt_0200.pt                    256 envs x 30 s, the deterministic policy
     python eval.py CKPT --envs 1024 --seconds 60              the size of the figures in README.md
     python eval.py CKPT --noise                               flown with the training policy's action noise
     python eval.py CKPT --perturbations [NAME ...]            under each of its task's PERTURBATIONS (crazyflie)

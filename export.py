@@ -1,6 +1,6 @@
 """From simulation to the robot: write a trained policy for other programs and for a microcontroller.
 
-    python export.py runs/<run>/ckpt_0250.pt                        into runs/<run>/ckpt_0250_export/
+    python export.py runs/<run>/ckpt_0200.pt                        into runs/<run>/ckpt_0200_export/
     python export.py CKPT --out DIR --formats torch c                 a choice of formats (default: all)
 
 Every artifact is the deterministic policy, observation normalizer included: obs [B, obs] float32, laid out as

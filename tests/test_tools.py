@@ -180,8 +180,9 @@ TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # optional: p
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """The real loop on 8 drones, asked for 5 iterations; a SIGTERM arrives during the second one. It logs for
-    TensorBoard too where the package is installed. Reused by the resume, eval and export tests."""
+    """The real loop on 8 drones with the design's network (the GPU's 128-128), asked for 5 iterations; a SIGTERM
+    arrives during the second one. It logs for TensorBoard too where the package is installed. Reused by the resume,
+    eval and export tests."""
     log_dir = str(tmp_path_factory.mktemp("runs"))
     real_update, calls = train.update, []
 
@@ -196,8 +197,8 @@ def smoke_run(tmp_path_factory):
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            train.main(TINY + ["--max-iterations", "5", "--save-interval", "1", "--log-dir", log_dir,
-                               "--run-name", "smoke", "--tensorboard", str(TENSORBOARD)])
+            train.main(TINY + ["--hidden", "128", "128", "--max-iterations", "5", "--save-interval", "1",
+                               "--log-dir", log_dir, "--run-name", "smoke", "--tensorboard", str(TENSORBOARD)])
     finally:
         train.update = real_update
     assert signal.getsignal(signal.SIGTERM) is before  # training's handler is gone when training returns
