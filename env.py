@@ -72,7 +72,7 @@ class HoverConfig:
 TRAIN = dict(num_envs=8192, num_steps=100, max_iterations=301, hidden=(128, 128), activation="tanh",
              learning_rate=3e-4, entropy_coef=0.004)
 CPU_PRESET = dict(num_envs=1024, num_steps=50, workers=2, threads_update=1, normalize_obs=True, init_std=0.3,
-                  min_std=0.3, progress_speed_cap=2.5, crash_multiple=10.0, crash_ramp=(60, 160), hidden=(64, 64),
+                  min_std=0.3, progress_speed_cap=2.0, crash_multiple=10.0, crash_ramp=(60, 160), hidden=(64, 64),
                   num_epochs=3, num_minibatches=16, lr_max=0.005, max_iterations=200)
 TERMS = ("target", "smooth", "yaw", "angular", "crash")  # the reward terms, one weight each in HoverConfig
 

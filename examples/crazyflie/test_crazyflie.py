@@ -78,9 +78,9 @@ def test_the_defaults_are_the_recipe_and_the_hover_task_keeps_the_examples():
     assert (hover_cfg.progress_per_metre, hover_cfg.reward_target) == (False, 10.0)  # the example's
     assert {f.name for f in dataclasses.fields(hover_cfg)} < {f.name for f in dataclasses.fields(cfg)}
     assert cf.TRAIN == hover.TRAIN
-    faster = ("hidden", "num_epochs", "num_minibatches", "lr_max", "crash_ramp", "max_iterations")
+    faster = ("hidden", "num_epochs", "num_minibatches", "lr_max", "crash_ramp", "progress_speed_cap", "max_iterations")
     assert cf.CPU_PRESET == {**{k: v for k, v in hover.CPU_PRESET.items() if k not in faster},
-                             "max_iterations": 250}  # the drone's, before it went faster
+                             "progress_speed_cap": 2.5, "max_iterations": 250}  # the drone's, before it went faster
     for bad, message in ((dict(motor_lag_s=(0.1, 0.05)), "--motor-lag-s must be a range LOW HIGH"),
                          (dict(mass_scale=(0.0, 1.0)), "--mass-scale must be > 0"),
                          (dict(obs_noise=(0.01,)), "--obs-noise takes 4 values"),
